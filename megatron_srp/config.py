@@ -1,0 +1,173 @@
+"""Typed run configuration: dataclasses, a YAML file, ``key=value`` overrides.
+
+Everything a run can be told lives here, with its default. ``load_config`` merges the YAML
+and the overrides onto the dataclasses (omegaconf structured configs, so unknown keys and wrong
+types fail), and ``validate`` rejects impossible combinations with one message that names the
+key -- before any process group, model or file is created.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_srp.model.presets import PRESETS, ModelShape, resolve_shape
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the offending key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}")
+
+
+@dataclass
+class ModelConfig:
+    """A preset name plus optional overrides of its shape."""
+
+    preset: str = "tiny"
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    rotary_base: Optional[float] = None
+    tie_embeddings: Optional[bool] = None
+    init_method_std: Optional[float] = None
+    # "auto": Transformer Engine on a GPU when importable, else local modules + torch SDPA.
+    layer_spec: str = "auto"
+    recompute: str = "none"  # none | selective | full
+
+    def shape(self) -> ModelShape:
+        overrides = {k: getattr(self, k) for k in (
+            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "rotary_base", "tie_embeddings", "init_method_std")}
+        return resolve_shape(self.preset, **overrides)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    # None: overlap gradient reduction with backward on GPU, not on CPU.
+    overlap_grad_reduce: Optional[bool] = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    train_iters: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 256
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling)
+    fp8_first_last_bf16: bool = False
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 10
+    lr_decay_iters: Optional[int] = None  # defaults to train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    eval_interval: int = 50
+    eval_iters: int = 4
+
+
+@dataclass
+class DataConfig:
+    """Megatron indexed datasets (``<prefix>.bin/.idx``) and how to mix and split them."""
+
+    paths: list[str] = field(default_factory=list)
+    weights: Optional[list[float]] = None
+    split: str = "95,5,0"
+    tokenizer: Optional[str] = None  # default: the tokenizer saved beside the first dataset
+    cache_dir: Optional[str] = None  # Megatron's sample-index cache; default <save>/data_cache
+    num_workers: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    save_interval: int = 0  # 0: only at the end
+    load: Optional[str] = None  # default: resume from `save` when it holds a checkpoint
+    keep_last: int = 2
+    # fully_reshardable: loads into any TP/PP/DP layout (gathers optimizer state on DP rank 0).
+    # dp_reshardable: faster, fully parallel save; only the DP size may change on resume.
+    optimizer_format: str = "fully_reshardable"
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None  # default <save>/tensorboard
+    wandb_project: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "srp"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _key_of(exc: OmegaConfBaseException) -> str:
+    full_key = getattr(exc, "full_key", None)
+    return str(full_key) if full_key else "?"
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: list[str] | None = None) -> ExperimentConfig:
+    """Merge a YAML file and ``key=value`` overrides onto the defaults; types are checked."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    layers = [schema]
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError("--config", f"no such file: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # yaml errors carry line numbers; keep them
+            raise ConfigError("--config", f"cannot parse {path}: {exc}") from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key=value")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(_key_of(exc), msg) from exc
+    assert isinstance(cfg, ExperimentConfig)
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

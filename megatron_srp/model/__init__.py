@@ -1,0 +1,1 @@
+"""Model code: presets, layer specs, the GPTModel provider, initialisation."""

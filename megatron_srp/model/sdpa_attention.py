@@ -1,0 +1,53 @@
+"""Core attention through torch's ``scaled_dot_product_attention``.
+
+Megatron-Core's local ``DotProductAttention`` needs a CUDA buffer; this module has the same
+constructor and forward signature, so it drops into the local layer spec and runs anywhere
+torch runs (flash / memory-efficient kernels on GPU, the math kernel on CPU).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SDPAttention(MegatronModule):
+    """Causal (or masked) attention over [s, b, heads, head_dim] tensors, GQA-aware."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int,
+                 attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism; use the TE spec")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias=None, packed_seq_params=None) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        groups = q.size(1) // k.size(1)
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        causal = mask_type == AttnMaskType.causal and q.size(2) > 1
+        # Megatron masks are True where attention is *blocked*; SDPA wants True where allowed.
+        mask = None if (causal or attention_mask is None) else ~attention_mask
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+        # [b, n, s, d] -> [s, b, n*d]
+        b, n, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)

@@ -1,0 +1,1 @@
+"""The training engine: parallel setup, the loop, optimizer, checkpoints, logging, the CPU path."""

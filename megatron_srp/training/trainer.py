@@ -1,0 +1,168 @@
+"""The pretraining run, top to bottom: validate, set up, resume, loop, save.
+
+Reading order: ``pretrain`` below is the whole story; each step it takes lives in a small module
+of this package (parallel, optim, step, checkpoint, logger, metrics) or in ``megatron_srp.model``
+and ``megatron_srp.data``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+
+from megatron_srp.config import ExperimentConfig, config_hash, to_dict, to_yaml
+from megatron_srp.data.gpt_data import BatchPlan, build_datasets, microbatches
+from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+from megatron_srp.model.init import layout_invariant_init
+from megatron_srp.model.provider import build_model_chunks
+from megatron_srp.training import checkpoint as ckpt
+from megatron_srp.training import compat, parallel
+from megatron_srp.training.logger import RunLogger
+from megatron_srp.training.metrics import Stopwatch, Throughput
+from megatron_srp.training.optim import build_optimizer, connect_schedule_hooks, wrap_ddp
+from megatron_srp.training.step import TimedIterator, eval_step, train_step
+from megatron_srp.validation import Platform, resolved_precision, validate
+
+
+@dataclass
+class TrainResult:
+    final_iteration: int
+    losses: dict[int, float] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+
+
+def load_run_tokenizer(cfg: ExperimentConfig) -> SRPTokenizer:
+    """The tokenizer named in the config, else the one saved beside the first dataset.
+
+    Every dataset must have been built with a tokenizer of the same fingerprint.
+    """
+    from megatron_srp.data.preprocess import read_dataset_meta
+    metas = [read_dataset_meta(p) for p in cfg.data.paths]
+    if cfg.data.tokenizer:
+        tok_dir = cfg.data.tokenizer
+    else:
+        beside = Path(cfg.data.paths[0] + ".tokenizer")
+        tok_dir = str(beside) if beside.is_dir() else str(default_tokenizer_dir())
+    tokenizer = SRPTokenizer.from_dir(tok_dir)
+    for prefix, meta in zip(cfg.data.paths, metas):
+        fp = meta.get("tokenizer", {}).get("fingerprint")
+        if fp is not None and fp != tokenizer.fingerprint:
+            raise ValueError(f"data.paths: {prefix} was tokenized with tokenizer {fp}, but the run "
+                             f"uses {tokenizer.fingerprint} ({tok_dir}); re-run preprocessing")
+    return tokenizer
+
+
+def pretrain(cfg: ExperimentConfig, platform: Optional[Platform] = None) -> TrainResult:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    platform = platform or Platform.detect()
+    validate(cfg, world_size, platform)  # before any process group, model or file
+    precision = resolved_precision(cfg, platform)
+    tokenizer = load_run_tokenizer(cfg)
+
+    parallel.initialize(cfg)
+    try:
+        return _train(cfg, tokenizer, precision, platform)
+    finally:
+        parallel.destroy()
+
+
+def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
+           platform: Platform) -> TrainResult:
+    t, save_dir = cfg.train, cfg.checkpoint.save
+    rank0 = dist.get_rank() == 0
+    chunks = build_model_chunks(cfg, tokenizer.vocab_size, precision, platform.has_cuda)
+    shape = cfg.model.shape()
+    layout_invariant_init(chunks, t.seed, shape.init_method_std, shape.num_layers, compat.device())
+    model = wrap_ddp(chunks, cfg, platform.has_cuda)
+    optimizer, scheduler = build_optimizer(model, cfg, precision)
+    connect_schedule_hooks(model, optimizer)
+
+    progress = ckpt.Progress()
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.load, save_dir)
+    if resume_from is not None:
+        progress = ckpt.load(resume_from, model, optimizer, scheduler, cfg, tokenizer.vocab_size)
+
+    if save_dir and rank0:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        tokenizer.save(Path(save_dir) / "tokenizer")
+        (Path(save_dir) / "config.yaml").write_text(to_yaml(cfg))
+    cache_dir = cfg.data.cache_dir or (str(Path(save_dir) / "data_cache") if save_dir else None)
+    if rank0:  # rank 0 builds Megatron's index cache; the others then read it
+        train_ds, valid_ds = build_datasets(cfg, tokenizer, cache_dir)
+    dist.barrier()
+    if not rank0:
+        train_ds, valid_ds = build_datasets(cfg, tokenizer, cache_dir)
+
+    dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    plan = BatchPlan(t.global_batch_size, t.micro_batch_size, dp, dp_rank)
+    n_chunks = len(model)
+    tb_dir = cfg.logging.tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
+    log = RunLogger(parallel.is_logging_rank(), t.train_iters, progress.iteration, save_dir, tb_dir,
+                    cfg.logging.wandb_project, cfg.name, cfg.logging.progress_bar, to_dict(cfg))
+    throughput = Throughput(shape, t.seq_length, tokenizer.vocab_size,
+                            dist.get_world_size(), compat.device_name())
+    log.info(f"run {cfg.name} ({config_hash(cfg)}): {shape.num_parameters(tokenizer.vocab_size):,}"
+             f" parameters, {precision}, TP={cfg.parallel.tensor_model_parallel_size} "
+             f"PP={cfg.parallel.pipeline_model_parallel_size} DP={dp}, "
+             f"{plan.num_microbatches} microbatches/step, starting at step {progress.iteration}")
+
+    result = TrainResult(progress.iteration)
+    tokens_per_step = t.global_batch_size * t.seq_length
+    interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
+    watch = Stopwatch()
+    compat.reset_peak_memory()
+    for step in range(progress.iteration, t.train_iters):
+        iters = [TimedIterator(microbatches(train_ds, plan, step)) for _ in range(n_chunks)]
+        watch.lap()
+        stats = train_step(model, optimizer, scheduler, iters[0] if n_chunks == 1 else iters,
+                           plan.num_microbatches, t.seq_length, t.micro_batch_size)
+        compat.synchronize()
+        step_s = watch.lap()
+        progress.iteration = step + 1
+        progress.consumed_train_samples += t.global_batch_size
+        interval_tokens += tokens_per_step
+        interval_step_s += step_s
+        interval_data_s += sum(it.seconds for it in iters)
+        result.losses[progress.iteration] = stats["loss"]
+        at_interval = progress.iteration % cfg.logging.log_interval == 0
+        metrics = {"loss": stats["loss"], "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                   "grad_norm": stats["grad_norm"], "step_time_s": step_s}
+        if at_interval or progress.iteration == t.train_iters:
+            # Throughput over the steps' own time: evaluation and saving are not counted.
+            metrics.update(throughput(interval_tokens, interval_step_s))
+            metrics["data_time_s"] = interval_data_s
+            metrics["peak_mem_gb"] = compat.peak_memory_bytes() / 2**30
+            interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
+        log.step(progress.iteration, metrics, console=at_interval)
+
+        if t.eval_interval and progress.iteration % t.eval_interval == 0:
+            _evaluate(model, valid_ds, plan, progress, cfg, log)
+        last = progress.iteration == t.train_iters
+        interval = cfg.checkpoint.save_interval
+        if save_dir and (last or (interval and progress.iteration % interval == 0)):
+            path = ckpt.save(save_dir, progress, model, optimizer, scheduler, cfg,
+                             tokenizer.vocab_size, cfg.checkpoint.keep_last)
+            log.info(f"saved checkpoint {path}")
+            result.checkpoint = str(path)
+    result.final_iteration = progress.iteration
+    log.close()
+    return result
+
+
+def _evaluate(model, valid_ds, plan: BatchPlan, progress: ckpt.Progress,
+              cfg: ExperimentConfig, log: RunLogger) -> None:
+    t = cfg.train
+    losses = []
+    eval_index = progress.consumed_valid_samples // t.global_batch_size
+    for i in range(t.eval_iters):
+        it = [microbatches(valid_ds, plan, eval_index + i, wrap=True) for _ in range(len(model))]
+        losses.append(eval_step(model, it[0] if len(model) == 1 else it,
+                                plan.num_microbatches, t.seq_length, t.micro_batch_size))
+    progress.consumed_valid_samples += t.eval_iters * t.global_batch_size
+    val = sum(losses) / len(losses)
+    log.record(progress.iteration, {"loss": val}, "valid")
+    log.info(f"step {progress.iteration:>6} | validation loss {val:.4f}")

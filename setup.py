@@ -1,0 +1,39 @@
+"""megatron-srp: safety pretraining (SRP and friends) on Megatron-Core."""
+import sys
+
+from setuptools import find_packages, setup
+
+# megatron-core 0.17+ needs Python >= 3.12; 0.16.1 is the last release for 3.11.
+MCORE = "megatron-core==0.16.1" if sys.version_info < (3, 12) else "megatron-core>=0.16.1"
+
+setup(
+    name="megatron-srp",
+    version="0.1.0",
+    description="Safety Reflection Pretraining and other safety interventions on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_srp", "megatron_srp.*"]),
+    package_data={"megatron_srp": ["assets/**/*", "assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        MCORE,
+        "omegaconf>=2.3",
+        "numpy",
+        "tokenizers>=0.19",
+        "pyarrow",
+        "tensorboard",
+        "tqdm",
+        "psutil",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "hf": ["transformers", "safetensors"],
+        "ray": ["ray"],
+        "wandb": ["wandb"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+)
