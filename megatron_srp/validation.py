@@ -57,7 +57,7 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 
 
 def validate(cfg: ExperimentConfig, world_size: int, platform: Platform,
-             check_files: bool = True) -> None:
+             check_files: bool = True, require_data: bool = True) -> None:
     """Raise :class:`ConfigError` for the first rule the config breaks."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     _require(m.preset in PRESETS, "model.preset",
@@ -76,7 +76,10 @@ def validate(cfg: ExperimentConfig, world_size: int, platform: Platform,
                        ("train.global_batch_size", t.global_batch_size),
                        ("train.seq_length", t.seq_length),
                        ("train.train_iters", t.train_iters),
-                       ("logging.log_interval", cfg.logging.log_interval)):
+                       ("logging.log_interval", cfg.logging.log_interval),
+                       *((f"model.{k}", getattr(shape, k)) for k in (
+                           "num_layers", "hidden_size", "ffn_hidden_size",
+                           "num_attention_heads", "num_query_groups"))):
         _require(value >= 1, key, f"must be >= 1, got {value}")
 
     _require(shape.hidden_size % shape.num_attention_heads == 0, "model.hidden_size",
@@ -142,7 +145,9 @@ def validate(cfg: ExperimentConfig, world_size: int, platform: Platform,
         _require(platform.has_transformer_engine and platform.has_cuda, "model.layer_spec",
                  "'te' needs Transformer Engine and a CUDA GPU")
 
-    _check_data(cfg, check_files)
+    if require_data:
+        _check_data(cfg, check_files)
+    _check_checkpoint(cfg, check_files)
 
 
 def _check_data(cfg: ExperimentConfig, check_files: bool) -> None:
@@ -151,8 +156,9 @@ def _check_data(cfg: ExperimentConfig, check_files: bool) -> None:
     if d.weights is not None:
         _require(len(d.weights) == len(d.paths), "data.weights",
                  f"{len(d.weights)} weights for {len(d.paths)} paths")
-        _require(all(w >= 0 for w in d.weights) and sum(d.weights) > 0, "data.weights",
-                 "weights must be non-negative with a positive sum")
+        _require(all(w >= 0 for w in d.weights), "data.weights",
+                 f"weights must be non-negative, got {d.weights}")
+        _require(sum(d.weights) > 0, "data.weights", f"weights sum to zero: {d.weights}")
     parts = d.split.split(",")
     ok = len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts)
     _require(ok, "data.split", f"{d.split!r} is not three comma-separated numbers like '95,5,0'")
@@ -162,6 +168,9 @@ def _check_data(cfg: ExperimentConfig, check_files: bool) -> None:
             for ext in (".bin", ".idx"):
                 _require(Path(prefix + ext).is_file(), f"data.paths[{i}]",
                          f"{prefix + ext} does not exist (run tools/preprocess_srp.py first)")
+
+
+def _check_checkpoint(cfg: ExperimentConfig, check_files: bool) -> None:
     ckpt = cfg.checkpoint
     _require(ckpt.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
     _require(ckpt.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")

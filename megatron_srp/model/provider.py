@@ -11,7 +11,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_srp.config import ExperimentConfig
-from megatron_srp.model.specs import choose_backend, layer_spec
+from megatron_srp.model.specs import block_spec, choose_backend
+from megatron_srp.training import compat
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
@@ -57,9 +58,10 @@ def transformer_config(cfg: ExperimentConfig, precision: str, has_cuda: bool) ->
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel,
-        # CPU initialisation builds each full weight from one seed and slices it, so any TP
-        # layout starts from the same model. On GPU, Megatron's faster per-shard init is used.
-        use_cpu_initialization=not has_cuda,
+        # Weights are redrawn afterwards by model.init.layout_invariant_init, but Megatron's own
+        # init must still run: it is also what marks each weight as tensor-parallel, and
+        # unmarked weights are counted once instead of per shard in the gradient norm.
+        use_cpu_initialization=False,
         perform_initialization=True,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -67,7 +69,7 @@ def transformer_config(cfg: ExperimentConfig, precision: str, has_cuda: bool) ->
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        deallocate_pipeline_outputs=has_cuda,
+        **compat.transformer_config_overrides(),
         **extra,
     )
 
@@ -77,7 +79,7 @@ def build_model_chunks(cfg: ExperimentConfig, vocab_size: int, precision: str,
     """One GPTModel per virtual pipeline stage held by this rank (usually one)."""
     shape = cfg.model.shape()
     tconf = transformer_config(cfg, precision, has_cuda)
-    spec = layer_spec(choose_backend(cfg.model.layer_spec, has_cuda))
+    backend = choose_backend(cfg.model.layer_spec, has_cuda)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -86,7 +88,7 @@ def build_model_chunks(cfg: ExperimentConfig, vocab_size: int, precision: str,
         post = mpu.is_pipeline_last_stage(ignore_virtual=vpp == 1, **kw)
         chunks.append(GPTModel(
             config=tconf,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(backend, tconf, vp_stage if vpp > 1 else None),
             vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size),
             max_sequence_length=cfg.train.seq_length,
             pre_process=pre,

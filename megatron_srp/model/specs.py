@@ -1,16 +1,21 @@
 """Choose the transformer layer spec in one place.
 
 Transformer Engine's spec (fused attention, norms, FP8) when TE is importable and a GPU is
-present; otherwise Megatron-Core's local modules with torch SDPA as core attention.
+present; otherwise Megatron-Core's local modules with torch SDPA as core attention and an
+RMSNorm that supports sequence parallelism.
 """
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_srp.model.sdpa_attention import SDPAttention
+from megatron_srp.model.local_modules import RMSNorm, SDPAttention
 
 
 def te_available() -> bool:
@@ -24,11 +29,15 @@ def choose_backend(requested: str, has_cuda: bool) -> str:
     return requested
 
 
-def layer_spec(backend: str) -> ModuleSpec:
+def block_spec(backend: str, config: TransformerConfig, vp_stage: Optional[int]):
+    """The spec GPTModel builds this rank's stage of the decoder from."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
         return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=RMSNorm)

@@ -80,6 +80,20 @@ def device_capability() -> tuple[int, int] | None:
     return None
 
 
+def transformer_config_overrides() -> dict[str, Any]:
+    """TransformerConfig fields that depend on the device/backend.
+
+    * ``batch_p2p_comm``: Megatron batches pipeline sends and receives; with PP=2 a rank's
+      previous and next stage are the same peer, and gloo matches the batched ops in posting
+      order, which differs between the two ranks (activations land in gradient buffers).
+      Megatron's non-batched even/odd protocol keeps the order, so gloo uses that.
+    * ``deallocate_pipeline_outputs`` frees activations early on GPU, a saving that CPU
+      runs do not need.
+    """
+    cuda = has_cuda()
+    return {"batch_p2p_comm": cuda, "deallocate_pipeline_outputs": cuda}
+
+
 def _is_cuda_device(value: Any) -> bool:
     if isinstance(value, torch.device):
         return value.type == "cuda"
@@ -214,7 +228,10 @@ def install() -> None:
         return
     from megatron.core.tensor_parallel import random as mcore_random
 
-    torch.cuda.current_device = lambda: 0
+    # A device object rather than an ordinal: Megatron's autograd Functions call
+    # ``torch.empty(..., device=torch.cuda.current_device())`` inside backward, where the
+    # function mode below is not active (torch pops modes while a handled call runs).
+    torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None
     torch.cuda.get_rng_state = _cpu_rng_state

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from datetime import timedelta
 
 import numpy as np
@@ -19,8 +20,9 @@ def initialize(cfg: ExperimentConfig) -> None:
     """Join the torchrun job (or a single-process one) and build TP/PP/DP groups."""
     compat.install()
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:  # a plain `python` run: a job of one
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         compat.bind_local_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -32,6 +34,12 @@ def initialize(cfg: ExperimentConfig) -> None:
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
     )
     seed_everything(cfg.train.seed)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

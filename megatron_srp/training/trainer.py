@@ -56,6 +56,19 @@ def load_run_tokenizer(cfg: ExperimentConfig) -> SRPTokenizer:
     return tokenizer
 
 
+def build_training_state(cfg: ExperimentConfig, vocab_size: int, precision: str,
+                         platform: Platform):
+    """This rank's model chunks (initialised, DDP-wrapped), optimizer and LR schedule."""
+    chunks = build_model_chunks(cfg, vocab_size, precision, platform.has_cuda)
+    shape = cfg.model.shape()
+    layout_invariant_init(chunks, cfg.train.seed, shape.init_method_std, shape.num_layers,
+                          compat.device())
+    model = wrap_ddp(chunks, cfg, platform.has_cuda)
+    optimizer, scheduler = build_optimizer(model, cfg, precision)
+    connect_schedule_hooks(model, optimizer)
+    return model, optimizer, scheduler
+
+
 def pretrain(cfg: ExperimentConfig, platform: Optional[Platform] = None) -> TrainResult:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     platform = platform or Platform.detect()
@@ -74,12 +87,9 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
            platform: Platform) -> TrainResult:
     t, save_dir = cfg.train, cfg.checkpoint.save
     rank0 = dist.get_rank() == 0
-    chunks = build_model_chunks(cfg, tokenizer.vocab_size, precision, platform.has_cuda)
+    model, optimizer, scheduler = build_training_state(cfg, tokenizer.vocab_size, precision,
+                                                       platform)
     shape = cfg.model.shape()
-    layout_invariant_init(chunks, t.seed, shape.init_method_std, shape.num_layers, compat.device())
-    model = wrap_ddp(chunks, cfg, platform.has_cuda)
-    optimizer, scheduler = build_optimizer(model, cfg, precision)
-    connect_schedule_hooks(model, optimizer)
 
     progress = ckpt.Progress()
     resume_from = ckpt.resolve_resume(cfg.checkpoint.load, save_dir)

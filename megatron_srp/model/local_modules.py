@@ -1,8 +1,10 @@
-"""Core attention through torch's ``scaled_dot_product_attention``.
+"""The two modules the local (non-Transformer-Engine) layer spec needs from us.
 
-Megatron-Core's local ``DotProductAttention`` needs a CUDA buffer; this module has the same
-constructor and forward signature, so it drops into the local layer spec and runs anywhere
-torch runs (flash / memory-efficient kernels on GPU, the math kernel on CPU).
+* ``SDPAttention``: Megatron-Core's local ``DotProductAttention`` needs a CUDA buffer; this has
+  the same constructor and forward signature and uses torch's ``scaled_dot_product_attention``
+  (flash / memory-efficient kernels on GPU, the math kernel on CPU).
+* ``RMSNorm``: Megatron's torch-norm fallback refuses sequence parallelism because it cannot
+  mark its weight for the tensor-parallel gradient all-reduce; this one marks it.
 """
 from __future__ import annotations
 
@@ -51,3 +53,16 @@ class SDPAttention(MegatronModule):
         # [b, n, s, d] -> [s, b, n*d]
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm whose weight Megatron all-reduces over TP when sequence parallelism is on."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
