@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/launch.py
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +19,15 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data directory {path} not found (set SRP_SHARED_DATA to its location)")
     return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dataset(shared_data: Path, tmp_path_factory) -> str:
+    """tinyshakespeare as a Megatron indexed dataset (real preprocessing, shipped tokenizer)."""
+    from megatron_srp.data.preprocess import preprocess
+    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+
+    prefix = tmp_path_factory.mktemp("data") / "shakespeare"
+    preprocess([shared_data / "tinyshakespeare" / "input.txt"], prefix,
+               SRPTokenizer.from_dir(default_tokenizer_dir()), workers=2, progress=False)
+    return str(prefix)

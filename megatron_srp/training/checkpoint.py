@@ -132,7 +132,10 @@ def _describe_model(cfg: ExperimentConfig, vocab_size: int) -> dict:
 
 
 def save(root: str, progress: Progress, model, optimizer, scheduler,
-         cfg: ExperimentConfig, vocab_size: int, keep_last: int) -> Path:
+         cfg: ExperimentConfig, vocab_size: int, keep_last: int,
+         run_facts: Optional[dict] = None) -> Path:
+    """Write checkpoint ``progress.iteration``; ``run_facts`` (precision, layer backend,
+    tokenizer fingerprint) go into run.json so loaders need not guess them."""
     final = iteration_dir(root, progress.iteration)
     partial = final.with_name(final.name + ".partial")
     rank0 = dist.get_rank() == 0
@@ -148,7 +151,7 @@ def save(root: str, progress: Progress, model, optimizer, scheduler,
         os._exit(17)
     if rank0:
         run = {"progress": asdict(progress), "model": _describe_model(cfg, vocab_size),
-               "config": to_dict(cfg)}
+               **(run_facts or {}), "config": to_dict(cfg)}
         (partial / RUN_FILE).write_text(json.dumps(run, indent=2))
         if final.exists():
             shutil.rmtree(final)

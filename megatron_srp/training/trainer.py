@@ -19,6 +19,7 @@ from megatron_srp.data.gpt_data import BatchPlan, build_datasets, microbatches
 from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.model.init import layout_invariant_init
 from megatron_srp.model.provider import build_model_chunks
+from megatron_srp.model.specs import choose_backend
 from megatron_srp.training import checkpoint as ckpt
 from megatron_srp.training import compat, parallel
 from megatron_srp.training.logger import RunLogger
@@ -120,6 +121,9 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
              f"PP={cfg.parallel.pipeline_model_parallel_size} DP={dp}, "
              f"{plan.num_microbatches} microbatches/step, starting at step {progress.iteration}")
 
+    run_facts = {"precision": precision,
+                 "layer_backend": choose_backend(cfg.model.layer_spec, platform.has_cuda),
+                 "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint}}
     result = TrainResult(progress.iteration)
     tokens_per_step = t.global_batch_size * t.seq_length
     interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
@@ -155,7 +159,7 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
         interval = cfg.checkpoint.save_interval
         if save_dir and (last or (interval and progress.iteration % interval == 0)):
             path = ckpt.save(save_dir, progress, model, optimizer, scheduler, cfg,
-                             tokenizer.vocab_size, cfg.checkpoint.keep_last)
+                             tokenizer.vocab_size, cfg.checkpoint.keep_last, run_facts)
             log.info(f"saved checkpoint {path}")
             result.checkpoint = str(path)
     result.final_iteration = progress.iteration

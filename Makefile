@@ -1,0 +1,48 @@
+# Two commands on a fresh machine:
+#   make demo   preprocess tinyshakespeare, train the tiny preset on 2 CPU ranks, sample from it
+#   make test   the default test suite (CPU; slow and GPU tests are skipped)
+# Each creates .venv/ and installs what it needs into it.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHARED_DATA ?= $(abspath ../shared/data)
+DEMO_DATA := data/demo/shakespeare
+DEMO_RUN := runs/tiny-cpu-demo
+# torch is pinned: on the CPU machines a local 2.13.0 CPU wheel exists, while an unpinned
+# torch pulls several GB of CUDA packages. On a GPU host install the project into a CUDA torch.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test test-all bench clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(DEMO_DATA).bin: $(VENV)/.installed
+	$(PY) tools/preprocess_srp.py --input $(SHARED_DATA)/tinyshakespeare/input.txt \
+		--output-prefix $(DEMO_DATA) --workers 2 --overwrite
+
+demo: $(DEMO_DATA).bin
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 \
+		tools/pretrain_srp.py --config examples/tiny_cpu.yaml
+	$(PY) tools/sample_srp.py --checkpoint $(DEMO_RUN) --prompt "ROMEO:" --prompt "First Citizen:" \
+		--max-new-tokens 60
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) tools/bench_train.py model.preset=tiny train.seq_length=256 train.micro_batch_size=8 \
+		train.global_batch_size=16
+
+clean:
+	rm -rf $(VENV) data/demo runs/tiny-cpu-demo

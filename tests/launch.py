@@ -1,0 +1,103 @@
+"""Run the real training tool under torchrun from tests, and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = str(REPO_ROOT / "tools" / "pretrain_srp.py")
+
+# Small enough for a 2-core CI machine, big enough to exercise TP, PP and virtual stages.
+TINY = [
+    "model.preset=tiny",
+    "train.seq_length=128",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.warmup_iters=2",
+    "train.lr=3e-3",
+    "train.eval_interval=0",
+    "logging.log_interval=5",
+    "logging.progress_bar=false",
+]
+
+
+def torchrun_cmd(nproc: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", PRETRAIN, *overrides]
+
+
+def _env(extra: dict | None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
+                 timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a training job to completion and clean up every process it left behind.
+
+    The job gets its own session and writes to a file, not a pipe: a rank that dies hard
+    leaves Megatron's checkpoint-writer Manager process orphaned, and that process would
+    otherwise hold the pipe open (and live on) after the job ended.
+    """
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(torchrun_cmd(nproc, overrides), cwd=REPO_ROOT, env=_env(env),
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+    if check and done.returncode != 0:
+        raise AssertionError(f"training failed ({done.returncode}):\n{output[-12000:]}")
+    return done
+
+
+def start_pretrain(nproc: int, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start training in its own process group, so the whole job can be SIGKILLed."""
+    return subprocess.Popen(torchrun_cmd(nproc, overrides), cwd=REPO_ROOT, env=_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before the kill point:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("kill point never reached")
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss from metrics.jsonl; the last record of a step wins (resumes)."""
+    losses = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == "train":
+            losses[rec["step"]] = rec["loss"]
+    return losses
+
+
+def records(run_dir: Path, split: str) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]

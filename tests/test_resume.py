@@ -1,0 +1,83 @@
+"""Checkpoints: kill-and-resume replays an uninterrupted run exactly, a crash during a save
+falls back to the previous complete checkpoint, and a mismatched model is refused clearly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch import TINY, kill_when, records, run_pretrain, start_pretrain, train_losses
+
+STEPS = 20
+
+
+def _args(dataset: str, save: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.paths=[{dataset}]", f"checkpoint.save={save}",
+            f"train.train_iters={STEPS}", "checkpoint.save_interval=5", "train.eval_interval=10",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shakespeare_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_pretrain(2, _args(shakespeare_dataset, out, "checkpoint.keep_last=10"))
+    return out
+
+
+def _latest(run: Path) -> str:
+    p = run / "latest"
+    return p.read_text().strip() if p.is_file() else ""
+
+
+def test_kill_and_resume_matches_uninterrupted_run(uninterrupted, shakespeare_dataset, tmp_path):
+    proc = start_pretrain(2, _args(shakespeare_dataset, tmp_path))
+    kill_when(proc, lambda: _latest(tmp_path) == "iter_0000010")
+    assert (tmp_path / "iter_0000010" / "run.json").is_file()
+    run_pretrain(2, _args(shakespeare_dataset, tmp_path))
+    expected, got = train_losses(uninterrupted), train_losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(11, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+    # Validation is resumed too: the same validation batches, the same numbers.
+    assert [r["loss"] for r in records(tmp_path, "valid")][-1] == pytest.approx(
+        [r["loss"] for r in records(uninterrupted, "valid")][-1], abs=1e-6)
+
+
+def test_resume_with_another_data_parallel_size(uninterrupted, shakespeare_dataset, tmp_path):
+    """Saved with DP=2, resumed with DP=1: the same global batches, the same losses."""
+    import shutil
+    shutil.copytree(uninterrupted / "iter_0000010", tmp_path / "iter_0000010")
+    (tmp_path / "latest").write_text("iter_0000010\n")
+    run_pretrain(1, _args(shakespeare_dataset, tmp_path))
+    expected, got = train_losses(uninterrupted), train_losses(tmp_path)
+    assert sorted(got) == list(range(11, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+
+
+def test_crash_during_save_resumes_from_previous_complete_checkpoint(
+        uninterrupted, shakespeare_dataset, tmp_path):
+    proc = run_pretrain(2, _args(shakespeare_dataset, tmp_path),
+                        env={"SRP_CRASH_DURING_SAVE_AT": "10"}, check=False)
+    assert proc.returncode != 0
+    # The shards of step 10 were written, but the checkpoint was never committed.
+    assert (tmp_path / "iter_0000010.partial").is_dir()
+    assert not (tmp_path / "iter_0000010").exists()
+    assert _latest(tmp_path) == "iter_0000005"
+
+    resumed = run_pretrain(2, _args(shakespeare_dataset, tmp_path))
+    assert "starting at step 5" in resumed.stdout + resumed.stderr
+    assert not (tmp_path / "iter_0000010.partial").exists()  # cleaned by the next save
+    expected, got = train_losses(uninterrupted), train_losses(tmp_path)
+    for step in range(6, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+
+
+def test_checkpoint_of_another_model_shape_is_refused(uninterrupted, shakespeare_dataset,
+                                                      tmp_path):
+    proc = run_pretrain(1, _args(shakespeare_dataset, tmp_path, f"checkpoint.load={uninterrupted}",
+                                 "model.num_layers=2"), check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "does not match the configured model" in out
+    assert "num_layers: checkpoint 4 vs config 2" in out
