@@ -35,10 +35,10 @@ demo: $(DEMO_DATA).bin
 		--max-new-tokens 60
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m "not slow and not gpu"
 
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q
+	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench_train.py model.preset=tiny train.seq_length=256 train.micro_batch_size=8 \

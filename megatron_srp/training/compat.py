@@ -151,6 +151,14 @@ def _has_fused_adam() -> bool:
     return bool(getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False))
 
 
+def _torch_adams(optimizer):
+    """The torch optimizers inside a Megatron (possibly chained) optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            yield inner
+
+
 def prepare_optimizer_for_load(optimizer) -> None:
     """Give a fresh torch Adam the state entries a checkpoint load will overwrite.
 
@@ -159,10 +167,7 @@ def prepare_optimizer_for_load(optimizer) -> None:
     """
     if _has_fused_adam():
         return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 st = inner.state[p]
@@ -181,10 +186,7 @@ def finish_optimizer_load(optimizer) -> None:
     """
     if _has_fused_adam():
         return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+    for inner in _torch_adams(optimizer):
         for st in inner.state.values():
             if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].detach().clone()
