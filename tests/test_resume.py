@@ -44,7 +44,8 @@ def test_kill_and_resume_matches_uninterrupted_run(uninterrupted, shakespeare_da
 
 
 def test_resume_with_another_data_parallel_size(uninterrupted, shakespeare_dataset, tmp_path):
-    """Saved with DP=2, resumed with DP=1: the same global batches, the same losses."""
+    """Saved with DP=2, resumed with DP=1: the same global batches, the same losses up to the
+    changed order of the gradient reduction (about 1e-5 after ten steps in fp32)."""
     import shutil
     shutil.copytree(uninterrupted / "iter_0000010", tmp_path / "iter_0000010")
     (tmp_path / "latest").write_text("iter_0000010\n")
@@ -52,7 +53,7 @@ def test_resume_with_another_data_parallel_size(uninterrupted, shakespeare_datas
     expected, got = train_losses(uninterrupted), train_losses(tmp_path)
     assert sorted(got) == list(range(11, STEPS + 1))
     for step in got:
-        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+        assert got[step] == pytest.approx(expected[step], abs=1e-4), f"step {step}"
 
 
 def test_crash_during_save_resumes_from_previous_complete_checkpoint(
