@@ -16,6 +16,7 @@ half-handles; :func:`prepare_optimizer_for_load` and a one-line guard installed 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 from typing import Any
@@ -246,5 +247,9 @@ def install() -> None:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
     mcore_random._get_cuda_rng_state = _cpu_rng_state
+    # Here the "CUDA" RNG the tracker forks *is* the CPU RNG, so its check that the CPU RNG
+    # did not move inside a fork fires on every fork; drop that one message.
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
     _CudaToCpu().__enter__()
     _INSTALLED = True
