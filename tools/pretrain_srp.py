@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=N tools/pretrain_srp.py --config FILE [key=value ...]
 """
 import argparse
+import os
 import sys
 
 from megatron_srp.config import ConfigError, load_config
@@ -19,7 +20,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         pretrain(cfg)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same error; say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
