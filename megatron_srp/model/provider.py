@@ -21,7 +21,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     return ((vocab_size + step - 1) // step) * step
 
 
-def transformer_config(cfg: ExperimentConfig, precision: str, has_cuda: bool) -> TransformerConfig:
+def transformer_config(cfg: ExperimentConfig, precision: str) -> TransformerConfig:
     shape, par = cfg.model.shape(), cfg.parallel
     bf16 = precision in ("bf16", "fp8")
     recompute = cfg.model.recompute
@@ -78,7 +78,7 @@ def build_model_chunks(cfg: ExperimentConfig, vocab_size: int, precision: str,
                        has_cuda: bool) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (usually one)."""
     shape = cfg.model.shape()
-    tconf = transformer_config(cfg, precision, has_cuda)
+    tconf = transformer_config(cfg, precision)
     backend = choose_backend(cfg.model.layer_spec, has_cuda)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []

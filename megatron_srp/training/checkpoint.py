@@ -103,8 +103,8 @@ def _rng_state() -> ShardedObject:
     """RNG state per (PP, TP) position, replicated over DP so a new DP size can load it."""
     state = {"random": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if compat.device_rng_state() is not None:
+        state["device"] = compat.device_rng_state()
     pp, tp = mpu.get_pipeline_model_parallel_rank(), mpu.get_tensor_model_parallel_rank()
     return ShardedObject("rng_state", state,
                          (mpu.get_pipeline_model_parallel_world_size(),
@@ -205,8 +205,7 @@ def load(path: Path, model, optimizer, scheduler, cfg: ExperimentConfig,
     random.setstate(rng["random"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    compat.set_device_rng_state(rng.get("device"))
     return Progress(**read_run(path)["progress"])
 
 

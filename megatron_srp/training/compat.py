@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import resource
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -66,6 +66,16 @@ def peak_memory_bytes() -> int:
     if has_cuda():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def device_rng_state() -> Optional[torch.Tensor]:
+    """The GPU generator's state (None on CPU, where torch's CPU state covers everything)."""
+    return torch.cuda.get_rng_state() if has_cuda() else None
+
+
+def set_device_rng_state(state: Optional[torch.Tensor]) -> None:
+    if state is not None and has_cuda():
+        torch.cuda.set_rng_state(state)
 
 
 def device_name() -> str:
