@@ -95,7 +95,6 @@ class DataConfig:
     split: str = "95,5,0"
     tokenizer: Optional[str] = None  # default: the tokenizer saved beside the first dataset
     cache_dir: Optional[str] = None  # Megatron's sample-index cache; default <save>/data_cache
-    num_workers: int = 0
 
 
 @dataclass
