@@ -1,0 +1,1 @@
+"""Safety Reflection Pretraining core: segmentation, classification, the shared types."""
