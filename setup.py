@@ -27,6 +27,8 @@ setup(
         "tqdm",
         "psutil",
         "pyyaml",
+        # Sentence splitter for SRP segmentation; x86-64 only (elsewhere use splitter=regex).
+        "blingfire==0.1.8; platform_machine == 'x86_64'",
         "matplotlib",
     ],
     extras_require={
