@@ -1,0 +1,288 @@
+"""Safety classifiers that attach a :class:`SafetyLabel` to each segment text.
+
+Two are built in:
+
+* ``oracle`` (:class:`OracleClassifier`): the labels are already in the input records (labelled
+  corpora such as ToxiGen or Do-Not-Answer); it only validates and converts them.
+* ``embedded`` (:class:`EmbeddedClassifier`): the offline default. A small model shipped in the
+  package at ``megatron_srp/assets/classifier/`` (hashed word and character n-grams, a logistic
+  unsafe head and a softmax category head, about 1 MB) that runs in numpy on the CPU and never
+  touches the network. It is trained by :mod:`megatron_srp.reflection.train_classifier`
+  (``tools/train_classifier.py``); see ``docs/classifiers.md`` for how and how well.
+
+It is a stand-in for a real guard model: ``hf`` (a Hugging Face guard model such as Llama Guard)
+and ``llm-judge`` classifiers are meant to join the registry through
+:func:`register_classifier`, and everything downstream picks a classifier by name with
+:func:`build_classifier`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from megatron_srp.reflection.types import SafetyLabel
+from megatron_srp.taxonomy import DEFAULT_TAXONOMY, Taxonomy
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "classifier"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.npz"
+FORMAT_VERSION = 1
+
+_SAFE_STRINGS = {"safe", "0", "false"}
+_UNSAFE_STRINGS = {"unsafe", "1", "true"}
+
+
+def parse_safety_label(value: Any) -> bool:
+    """``True`` if the label means safe.
+
+    Accepts "safe"/"unsafe" (any case, also "0"/"1"/"true"/"false"), 0/1 and booleans. Numbers and
+    booleans are read as an "is unsafe" flag, the way Do-Not-Answer's ``harmful`` column is:
+    1 / True = unsafe, 0 / False = safe.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return not bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return value == 0
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in _SAFE_STRINGS:
+            return True
+        if key in _UNSAFE_STRINGS:
+            return False
+    raise ValueError(
+        f"unknown safety label {value!r}: expected 'safe'/'unsafe', a boolean (True = unsafe) "
+        "or 0/1 (1 = unsafe)"
+    )
+
+
+class OracleClassifier:
+    """Reads labels that are already in the input records.
+
+    ``classify_records([{"text": ..., "label": "unsafe", "category": "S10"}, ...])``. The
+    label may be "safe"/"unsafe", a boolean (True = unsafe) or 0/1 (1 = unsafe); the category
+    must be a code of the taxonomy, or None/absent/"" (and it must be None for safe records).
+    Scores are 1.0 for unsafe and 0.0 for safe.
+    """
+
+    name = "oracle"
+
+    def __init__(self, label_key: str = "label", category_key: str = "category",
+                 taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> None:
+        self.label_key = label_key
+        self.category_key = category_key
+        self.taxonomy = taxonomy
+
+    def classify_records(self, records: Sequence[Mapping[str, Any]]) -> list[SafetyLabel]:
+        labels = []
+        for i, record in enumerate(records):
+            if self.label_key not in record:
+                raise ValueError(f"record {i} has no {self.label_key!r} key: {dict(record)!r}")
+            try:
+                safe = parse_safety_label(record[self.label_key])
+            except ValueError as exc:
+                raise ValueError(f"record {i}: {exc}") from exc
+            category = record.get(self.category_key)
+            if category == "":
+                category = None
+            if category is not None:
+                if safe:
+                    raise ValueError(f"record {i} is safe but has category {category!r}")
+                try:
+                    self.taxonomy.validate(category)
+                except ValueError as exc:
+                    raise ValueError(f"record {i}: {exc}") from exc
+            labels.append(SafetyLabel(safe=safe, category=category, score=0.0 if safe else 1.0))
+        return labels
+
+    def classify(self, texts: Sequence[str]) -> list[SafetyLabel]:
+        raise TypeError(
+            "the oracle classifier reads labels from records, not from text: call "
+            f"classify_records(records) with dicts holding {self.label_key!r} and "
+            f"{self.category_key!r} keys (or use a model classifier such as 'embedded')"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "label_key": self.label_key,
+                "category_key": self.category_key, "taxonomy": self.taxonomy.name}
+
+
+# ----------------------------------------------------------------------------- features
+
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+class HashedNgramFeaturizer:
+    """Text -> sparse L2-normalised term-frequency vector of hashed n-grams.
+
+    Features: lower-cased word uni- and bigrams, and byte n-grams (``char_min``..``char_max``)
+    of each word padded with spaces (fastText style). Hashing is CRC32 into ``dim`` buckets,
+    so it is the same in every process (unlike Python's ``hash``).
+    """
+
+    def __init__(self, dim: int = 1 << 16, word_ngrams: int = 2, char_min: int = 3,
+                 char_max: int = 5, max_chars: int = 4000) -> None:
+        if dim & (dim - 1):
+            raise ValueError(f"dim must be a power of two, got {dim}")
+        self.dim = dim
+        self.word_ngrams = word_ngrams
+        self.char_min = char_min
+        self.char_max = char_max
+        self.max_chars = max_chars
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "word_ngrams": self.word_ngrams, "char_min": self.char_min,
+                "char_max": self.char_max, "max_chars": self.max_chars}
+
+    def _hashes(self, text: str) -> list[int]:
+        words = _TOKEN_RE.findall(text[: self.max_chars].lower())
+        crc = zlib.crc32
+        out = [crc(b"w" + w.encode()) for w in words]
+        if self.word_ngrams >= 2:
+            out += [crc(b"b" + f"{a} {b}".encode()) for a, b in zip(words, words[1:])]
+        for w in words:
+            bw = b" " + w.encode() + b" "
+            for n in range(self.char_min, self.char_max + 1):
+                out += [crc(bw[i:i + n]) for i in range(len(bw) - n + 1)]
+        return out
+
+    def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR pieces ``(indptr, indices, values)`` for ``len(texts)`` rows of ``dim`` columns."""
+        indptr = [0]
+        indices: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        mask = self.dim - 1
+        for text in texts:
+            h = np.asarray(self._hashes(text), dtype=np.int64) & mask
+            idx, counts = np.unique(h, return_counts=True)
+            vals = counts.astype(np.float32)
+            if len(vals):
+                vals /= np.sqrt(np.dot(vals, vals))
+            indices.append(idx)
+            values.append(vals)
+            indptr.append(indptr[-1] + len(idx))
+        return (np.asarray(indptr, dtype=np.int64),
+                np.concatenate(indices) if indices else np.zeros(0, np.int64),
+                np.concatenate(values) if values else np.zeros(0, np.float32))
+
+
+def sparse_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                  weights: np.ndarray) -> np.ndarray:
+    """``X @ weights`` for a CSR ``X``; empty rows give zeros."""
+    n = len(indptr) - 1
+    out = np.zeros((n, weights.shape[1]), dtype=np.float64)
+    if len(indices) == 0:
+        return out
+    contrib = values[:, None].astype(np.float64) * weights[indices]
+    nonempty = indptr[1:] > indptr[:-1]
+    out[nonempty] = np.add.reduceat(contrib, indptr[:-1][nonempty], axis=0)
+    return out
+
+
+# ----------------------------------------------------------------------------- embedded model
+
+class EmbeddedClassifier:
+    """The shipped offline classifier (see the module docstring and ``docs/classifiers.md``).
+
+    ``score`` is P(unsafe) from the logistic head; ``score >= threshold`` means unsafe, and then
+    the category head picks one of the taxonomy codes it was trained on (None for safe).
+    """
+
+    name = "embedded"
+
+    def __init__(self, asset_dir: str | Path | None = None, threshold: float = 0.5,
+                 batch_size: int = 64, taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.asset_dir = Path(asset_dir) if asset_dir is not None else ASSET_DIR
+        self.threshold = float(threshold)
+        self.batch_size = int(batch_size)
+        self.taxonomy = taxonomy
+        config_path = self.asset_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"no classifier asset at {self.asset_dir} ({CONFIG_FILE} missing); build it "
+                "with tools/train_classifier.py"
+            )
+        self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        if self.config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: format_version {self.config.get('format_version')}"
+                             f" is not {FORMAT_VERSION}")
+        self.categories: tuple[str, ...] = tuple(self.config["categories"])
+        for code in self.categories:
+            taxonomy.validate(code)
+        self.featurizer = HashedNgramFeaturizer(**self.config["features"])
+        with np.load(self.asset_dir / WEIGHTS_FILE) as data:
+            # column 0: unsafe logit; columns 1..K: category logits
+            self.weights = np.concatenate(
+                [data["unsafe_w"][:, None], data["category_w"]], axis=1).astype(np.float32)
+            self.bias = np.concatenate([data["unsafe_b"], data["category_b"]]).astype(np.float64)
+        if self.weights.shape != (self.featurizer.dim, 1 + len(self.categories)):
+            raise ValueError(f"{self.asset_dir}: weights have shape {self.weights.shape}, "
+                             f"expected ({self.featurizer.dim}, {1 + len(self.categories)})")
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Raw ``(n, 1 + K)`` logits: column 0 unsafe, then one per category."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            csr = self.featurizer.transform(texts[start:start + self.batch_size])
+            out.append(sparse_matmul(*csr, self.weights) + self.bias)
+        return np.concatenate(out) if out else np.zeros((0, 1 + len(self.categories)))
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        """P(unsafe) per text."""
+        return 1.0 / (1.0 + np.exp(-self.logits(texts)[:, 0]))
+
+    def classify(self, texts: Sequence[str]) -> list[SafetyLabel]:
+        if isinstance(texts, str):
+            raise TypeError("classify takes a sequence of texts, not one string")
+        logits = self.logits(list(texts))
+        scores = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+        best = np.argmax(logits[:, 1:], axis=1)
+        labels = []
+        for score, cat in zip(scores, best):
+            unsafe = score >= self.threshold
+            labels.append(SafetyLabel(safe=not unsafe,
+                                      category=self.categories[cat] if unsafe else None,
+                                      score=float(score)))
+        return labels
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "asset_dir": str(self.asset_dir),
+                "threshold": self.threshold, "batch_size": self.batch_size,
+                "categories": list(self.categories), "features": self.featurizer.config(),
+                "trained": self.config.get("trained", {})}
+
+
+# ----------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register_classifier(name: str, factory: Callable[..., Any], *, replace: bool = False) -> None:
+    """Make ``build_classifier(name, **options)`` call ``factory(**options)``."""
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"classifier {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def available_classifiers() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def build_classifier(name: str, **options: Any):
+    """A classifier by registry name ("oracle", "embedded", ...) built with ``options``."""
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown classifier {name!r}; available: "
+                         f"{', '.join(available_classifiers())}") from None
+    return factory(**options)
+
+
+register_classifier("oracle", OracleClassifier)
+register_classifier("embedded", EmbeddedClassifier)
