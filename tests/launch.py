@@ -54,10 +54,7 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
         try:
             proc.wait(timeout=timeout)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(proc.pid)
             proc.wait()
         log.seek(0)
         output = log.read()
@@ -65,6 +62,17 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
     if check and done.returncode != 0:
         raise AssertionError(f"training failed ({done.returncode}):\n{output[-12000:]}")
     return done
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the job's process group twice: a process forked while the first signal was being
+    delivered (Megatron starts a Manager process at its first save) would escape one."""
+    for _ in range(2):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
 
 
 def start_pretrain(nproc: int, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -78,13 +86,13 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
             proc.wait()
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended before the kill point:\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_group(proc.pid)
     raise AssertionError("kill point never reached")
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,14 +285,21 @@ def _process(
         yield from map(processor, chunks)
         return
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads exist
-    with context.Pool(workers, initializer=init_worker, initargs=(processor,)) as pool:
+    # ProcessPoolExecutor rather than Pool: on an error, Pool's terminate() kills workers that
+    # may hold the task queue's lock and can deadlock; the executor cancels what has not
+    # started and lets running chunks finish.
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
+                                   initargs=(processor,))
+    try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(run_worker_chunk, (chunk,)))
+            pending.append(executor.submit(run_worker_chunk, chunk))
             if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _publish(temp: dict[str, Path], final: dict[str, Path]) -> None:
