@@ -172,6 +172,17 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def stop_writer_processes() -> None:
+    """Megatron's checkpoint writer starts a multiprocessing Manager (for its results queue) at
+    the first save and never stops it; stop it so a finished run leaves no process behind."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None
+
+
 def read_run(path: Path) -> dict:
     try:
         return json.loads((path / RUN_FILE).read_text())

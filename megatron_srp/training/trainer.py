@@ -81,6 +81,7 @@ def pretrain(cfg: ExperimentConfig, platform: Optional[Platform] = None) -> Trai
     try:
         return _train(cfg, tokenizer, precision, platform)
     finally:
+        ckpt.stop_writer_processes()
         parallel.destroy()
 
 
