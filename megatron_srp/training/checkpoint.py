@@ -148,6 +148,7 @@ def save(root: str, progress: Progress, model, optimizer, scheduler,
     dist_checkpointing.save(state, str(partial), content_metadata=_opt_metadata(cfg))
     dist.barrier()
     if os.environ.get(CRASH_ENV) == str(progress.iteration):
+        stop_writer_processes()  # the simulated crash should not leak a real process
         os._exit(17)
     if rank0:
         run = {"progress": asdict(progress), "model": _describe_model(cfg, vocab_size),
