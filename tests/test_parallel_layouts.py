@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch import TINY, run_pretrain, train_losses
+from megatron_srp.training.launch import TINY, run_pretrain, train_losses
 
 STEPS = 10
 # fp32 on CPU; layouts differ only in reduction order, so differences stay near 1e-6.

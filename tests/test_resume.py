@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import TINY, kill_when, records, run_pretrain, start_pretrain, train_losses
+from megatron_srp.training.launch import TINY, kill_when, records, run_pretrain, start_pretrain, train_losses
 
 STEPS = 20
 

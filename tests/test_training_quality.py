@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from launch import TINY, records, run_pretrain
+from megatron_srp.training.launch import TINY, records, run_pretrain
 
 
 def test_loss_decreases_on_real_text(shakespeare_dataset, tmp_path):

@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from megatron_srp.inference.sample import (GenerationConfig, generate, load_for_inference,
-                                               resolve_checkpoint, shutdown)
-    from megatron_srp.training.checkpoint import CheckpointError
+                                               shutdown)
+    from megatron_srp.training.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -68,30 +68,6 @@ class GenerationConfig:
 # Loading
 
 
-def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
-    """The checkpoint directory to load: a run directory's latest complete checkpoint, or the
-    given ``iter_N`` directory itself. Raises :class:`CheckpointError` with the reason."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a directory (give a run directory "
-                              f"or one of its iter_N checkpoints)")
-    if path.name.endswith(".partial"):
-        raise CheckpointError(f"{path} is an unfinished save, not a checkpoint; give its run "
-                              f"directory {path.parent} to load the latest complete one")
-    found = ckpt.latest_checkpoint(path)
-    if found is not None:
-        return found
-    if (path / ckpt.RUN_FILE).is_file():
-        return path
-    if path.name.startswith("iter_"):
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {ckpt.RUN_FILE})")
-    raise CheckpointError(
-        f"no checkpoint in {path}: expected a run directory with a '{ckpt.LATEST}' file "
-        f"(checkpoint.save of a finished run) or an iter_N directory holding {ckpt.RUN_FILE}")
-
-
 def inference_config(run_config: dict) -> ExperimentConfig:
     """A run's saved config, laid out for one process: TP=1, PP=1, no virtual stages.
 
@@ -123,14 +99,12 @@ def inference_config(run_config: dict) -> ExperimentConfig:
 
 
 def _ensure_process_groups(cfg: ExperimentConfig) -> None:
-    """A TP=1, PP=1 Megatron layout: in the torchrun job if there is one, else in a
-    one-process group created here (an in-memory store, so no port is needed)."""
+    """A TP=1, PP=1 Megatron layout: in the torchrun job if there is one, else a job of one."""
     global _OWNS_PROCESS_GROUP
     from megatron.core import parallel_state as mpu
 
     from megatron_srp.training import parallel
 
-    compat.install()
     if mpu.model_parallel_is_initialized():
         tp = mpu.get_tensor_model_parallel_world_size()
         pp = mpu.get_pipeline_model_parallel_world_size()
@@ -139,11 +113,7 @@ def _ensure_process_groups(cfg: ExperimentConfig) -> None:
                                f"PP={pp}; inference needs TP=1, PP=1 (call "
                                f"megatron_srp.training.parallel.destroy() first)")
         return
-    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        compat.bind_local_device(0)
-        dist.init_process_group(backend=compat.backend(), store=dist.HashStore(),
-                                rank=0, world_size=1)
-        _OWNS_PROCESS_GROUP = True
+    _OWNS_PROCESS_GROUP = not dist.is_initialized()
     parallel.initialize(cfg)
 
 
@@ -180,7 +150,7 @@ def load_for_inference(checkpoint: str | os.PathLike):
     """``(model, tokenizer, cfg)`` for a run directory (its latest complete checkpoint) or one
     ``iter_N`` checkpoint. ``model`` is a Megatron ``GPTModel`` in eval mode holding the whole
     network; ``cfg`` is the run's config as laid out here (see :func:`inference_config`)."""
-    path = resolve_checkpoint(checkpoint)
+    path = ckpt.resolve_checkpoint(checkpoint)
     run = ckpt.read_run(path)
     if "config" not in run:
         raise CheckpointError(f"{path / ckpt.RUN_FILE} has no 'config' entry")

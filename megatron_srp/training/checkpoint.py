@@ -72,12 +72,31 @@ def resolve_resume(load: Optional[str], save: Optional[str]) -> Optional[Path]:
     without it, a run resumes from its own ``save`` directory when that holds a checkpoint."""
     if load is None:
         return latest_checkpoint(save)
-    found = latest_checkpoint(load)
+    return resolve_checkpoint(load)
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """The checkpoint directory to load: a run directory's latest complete checkpoint, or the
+    given ``iter_N`` directory itself. Raises :class:`CheckpointError` with the reason."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory (give a run directory "
+                              f"or one of its iter_N checkpoints)")
+    if path.name.endswith(".partial"):
+        raise CheckpointError(f"{path} is an unfinished save, not a checkpoint; give its run "
+                              f"directory {path.parent} to load the latest complete one")
+    found = latest_checkpoint(path)
     if found is not None:
         return found
-    if (Path(load) / RUN_FILE).is_file():
-        return Path(load)
-    raise CheckpointError(f"checkpoint.load={load} holds no complete checkpoint")
+    if (path / RUN_FILE).is_file():
+        return path
+    if path.name.startswith("iter_"):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {RUN_FILE})")
+    raise CheckpointError(
+        f"no checkpoint in {path}: expected a run directory with a '{LATEST}' file "
+        f"(checkpoint.save of a finished run) or an iter_N directory holding {RUN_FILE}")
 
 
 def _unwrap(chunk):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -20,13 +19,13 @@ def initialize(cfg: ExperimentConfig) -> None:
     """Join the torchrun job (or a single-process one) and build TP/PP/DP groups."""
     compat.install()
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # a plain `python` run: a job of one
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         compat.bind_local_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=compat.backend(), timeout=timedelta(minutes=10))
+        timeout = timedelta(minutes=10)
+        if "WORLD_SIZE" in os.environ:  # torchrun (or another launcher) set up the job
+            dist.init_process_group(backend=compat.backend(), timeout=timeout)
+        else:  # a plain `python` run: a job of one, with an in-memory store and no port
+            dist.init_process_group(backend=compat.backend(), store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
     p = cfg.parallel
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -34,12 +33,6 @@ def initialize(cfg: ExperimentConfig) -> None:
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
     )
     seed_everything(cfg.train.seed)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

@@ -1,4 +1,10 @@
-"""Run the real training tool under torchrun from tests, and read what it wrote."""
+"""Launch the training tool as a torchrun job from Python, and read what it wrote.
+
+Used by the tests and by experiment recipes that chain several runs (it runs ``tools/`` of a
+source checkout). Each job gets its own session and is reaped as a whole when it ends (a rank
+that dies hard can otherwise leave Megatron's checkpoint-writer process behind); ``kill_when``
+simulates preemption.
+"""
 from __future__ import annotations
 
 import json
@@ -10,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO_ROOT / "tools" / "pretrain_srp.py")
 
-# Small enough for a 2-core CI machine, big enough to exercise TP, PP and virtual stages.
+# Small enough for a 2-core CPU machine, big enough to exercise TP, PP and virtual stages.
 TINY = [
     "model.preset=tiny",
     "train.seq_length=128",
@@ -60,7 +66,7 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
         output = log.read()
     done = subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
     if check and done.returncode != 0:
-        raise AssertionError(f"training failed ({done.returncode}):\n{output[-12000:]}")
+        raise RuntimeError(f"training failed ({done.returncode}):\n{output[-12000:]}")
     return done
 
 
@@ -90,10 +96,10 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
             proc.wait()
             return
         if proc.poll() is not None:
-            raise AssertionError(f"training ended before the kill point:\n{proc.stdout.read()[-4000:]}")
+            raise RuntimeError(f"training ended before the kill point:\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.05)
     _kill_group(proc.pid)
-    raise AssertionError("kill point never reached")
+    raise RuntimeError("kill point never reached")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
