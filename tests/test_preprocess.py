@@ -101,10 +101,17 @@ def test_shakespeare_round_trip(tmp_path: Path, shakespeare: Path, tok: SRPToken
     assert meta == result.meta
     assert meta["counts"] == {
         "input_documents": len(docs),
+        "rejected": 0,
         "empty_documents_dropped": 0,
         "documents": len(docs),
         "tokens": sum(len(s) for s in _sequences(prefix)),
+        "documents_without_output": 0,
+        "segments": 0,
+        "unsafe_segments": 0,
+        "segments_placed": 0,
     }
+    assert meta["variant"] == "raw" and meta["intervention"] == {"name": "raw"}
+    assert meta["classifier"] is None and meta["files"]["labels"] is None
     assert meta["tokenizer"]["eod"] == tok.eod and meta["dtype"] == "uint16"
     assert meta["inputs"] == [{"path": str(shakespeare.resolve()), "format": "text",
                                "bytes": shakespeare.stat().st_size}]
@@ -112,7 +119,9 @@ def test_shakespeare_round_trip(tmp_path: Path, shakespeare: Path, tok: SRPToken
     saved = SRPTokenizer.from_dir(result.paths["tokenizer"])
     assert saved.fingerprint == tok.fingerprint
     assert sorted(p.name for p in prefix.parent.iterdir()) == [
-        "shakespeare.bin", "shakespeare.idx", "shakespeare.meta.json", "shakespeare.tokenizer"]
+        "shakespeare.bin", "shakespeare.idx", "shakespeare.meta.json", "shakespeare.rejects.jsonl",
+        "shakespeare.summary.json", "shakespeare.summary.md", "shakespeare.tokenizer"]
+    assert (prefix.parent / "shakespeare.rejects.jsonl").read_text() == ""
 
 
 def test_toxigen_jsonl(tmp_path: Path, shared_data: Path, tok: SRPTokenizer) -> None:
@@ -200,7 +209,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path: Path, tok: SRPTokenizer) -> Non
     bad.write_text('{"text": "fine"}\n\n{"text": "broken\n')
     with pytest.raises(InputError, match=rf"{bad}:3: invalid JSON"):
         preprocess([bad], tmp_path / "out", tok, progress=False)
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) in ([], ["out.work"])  # shards kept for resuming
     bad.write_text('{"text": "fine"}\n{"body": "no text key"}\n')
     with pytest.raises(InputError, match=rf"{bad}:2: missing key 'text' \(keys: body\)"):
         list(read_documents([bad]))
@@ -257,7 +266,8 @@ def test_crash_leaves_no_complete_looking_output(
     with pytest.raises(StageError, match=message):
         preprocess([source], tmp_path / "out", tok, stages=[ExplodeOn(20000)], workers=workers,
                    progress=False)
-    assert _leftovers(tmp_path) == []
+    # finished shards stay in out.work/ for a resumed run; nothing looks like a dataset
+    assert _leftovers(tmp_path) in ([], ["out.work"])
 
 
 def test_special_token_strings_in_raw_text(tmp_path: Path, tok: SRPTokenizer) -> None:
@@ -303,6 +313,7 @@ def test_preprocess_tool(tmp_path: Path, shared_data: Path, capsys: pytest.Captu
     ]
     assert tool["main"](argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith("722 docs (722 read), ") and str(tmp_path / "tox.meta.json") in out
+    assert "| raw | raw | 722 | " in out and "722 documents in " in out
+    assert str(tmp_path / "tox") in out and (tmp_path / "tox.meta.json").is_file()
     assert tool["main"](argv) == 2
     assert "output exists" in capsys.readouterr().err

@@ -1,18 +1,15 @@
-"""Documents, the stage protocol, and the per-chunk work a preprocessing worker does.
+"""Documents and the stage protocol.
 
-Preprocessing is ``reader -> stage -> stage -> ... -> tokenize``. Segmentation, classification
-and interventions are added as stages (each ``Document -> 0..n Documents``), so the pipeline
-itself never changes. This module deliberately imports nothing from ``megatron.core``: it is
-what each spawned worker process loads.
+Preprocessing is ``reader -> stages -> segment + classify -> interventions -> tokenize``.
+Stages (each ``Document -> 0..n Documents``) clean or split raw documents before they are
+labelled. This module deliberately imports nothing from ``megatron.core``: it is what each
+spawned worker process loads.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence, runtime_checkable
-
-import numpy as np
 
 from megatron_srp.data.tokenizer import SRPTokenizer
 from megatron_srp.taxonomy import SPECIAL_TOKENS
@@ -114,54 +111,3 @@ def apply_stages(doc: Document, stages: Sequence[Stage]) -> list[Document]:
             out.extend(produced)
         docs = out
     return docs
-
-
-@dataclass
-class ChunkResult:
-    """What a worker sends back for one chunk: one array per output document, eod included."""
-
-    documents_in: int
-    empty_dropped: int
-    sequences: list[np.ndarray]
-
-
-@dataclass
-class DocumentProcessor:
-    """Stages + tokenization for a chunk of documents; built once per worker process."""
-
-    tokenizer: SRPTokenizer
-    stages: tuple[Stage, ...]
-    dtype: type[np.number]
-
-    def __call__(self, docs: Sequence[Document]) -> ChunkResult:
-        texts: list[str] = []
-        empty = 0
-        for doc in docs:
-            for out in apply_stages(doc, self.stages):
-                if out.text.strip():
-                    texts.append(out.text)
-                else:
-                    empty += 1
-        eod = self.tokenizer.eod
-        sequences = [
-            np.array(ids + [eod], dtype=self.dtype) for ids in self.tokenizer.tokenize_batch(texts)
-        ]
-        return ChunkResult(documents_in=len(docs), empty_dropped=empty, sequences=sequences)
-
-
-_WORKER_PROCESSOR: DocumentProcessor | None = None
-
-
-def init_worker(processor: DocumentProcessor) -> None:
-    """Pool initializer: keep the processor (tokenizer loaded once) for this worker's lifetime."""
-    global _WORKER_PROCESSOR
-    # Worker processes already use every core; the tokenizer's own thread pool would oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_PROCESSOR = processor
-
-
-def run_worker_chunk(docs: Sequence[Document]) -> ChunkResult:
-    """Pool task: process one chunk with the processor installed by :func:`init_worker`."""
-    if _WORKER_PROCESSOR is None:
-        raise RuntimeError("run_worker_chunk called in a process that init_worker did not set up")
-    return _WORKER_PROCESSOR(docs)

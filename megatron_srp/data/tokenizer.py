@@ -184,6 +184,11 @@ class SRPTokenizer:
         """:meth:`tokenize` for many texts in one native call."""
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_batch(self, texts: Sequence[str]) -> list[Any]:
+        """The native encodings (ids plus ``char_to_token`` and offsets), for callers that map
+        character spans to token spans."""
+        return self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+
     def detokenize(self, ids: Iterable[int]) -> str:
         """Text for ``ids`` with special tokens kept, so reflections survive decoding."""
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -56,7 +56,15 @@ class Filter:
         text = "".join(pieces)
         if not text.strip():
             return []
-        return [output_document(doc, self.name, text,
+        removed_before, spans = 0, []
+        dropped = {seg.index for seg in harmful}
+        for seg, _ in pairs:
+            if seg.index in dropped:
+                spans.append(None)
+                removed_before += seg.end - seg.start
+            else:
+                spans.append([seg.start - removed_before, seg.end - removed_before])
+        return [output_document(doc, self.name, text, segment_spans=spans,
                                 filtered_segments=[seg.index for seg in harmful])]
 
     def describe(self) -> dict[str, Any]:

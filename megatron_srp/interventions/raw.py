@@ -24,8 +24,8 @@ class Raw:
     Options: ClassVar[type] = RawOptions
 
     def __call__(self, doc: ClassifiedDocument) -> list[Document]:
-        checked_pairs(doc)
-        return [output_document(doc, self.name, doc.text)]
+        spans = [[seg.start, seg.end] for seg, _ in checked_pairs(doc)]
+        return [output_document(doc, self.name, doc.text, segment_spans=spans)]
 
     def describe(self) -> dict[str, Any]:
         return describe_options(self.name, self.options)

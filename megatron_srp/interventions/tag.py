@@ -10,7 +10,8 @@ gives back the input text exactly.
 
 The coin flips come from a generator seeded by ``(seed, document id)``, so the output does
 not depend on worker count or document order; another seed gives other positions.
-``meta["unsafe_tags"]`` counts the tags inserted.
+``meta["unsafe_tags"]`` counts the tags inserted; ``meta["segment_spans"]`` gives each
+segment's ``[start, end)`` in the output text, its tags included.
 """
 
 from __future__ import annotations
@@ -54,19 +55,21 @@ class Tag:
     def __call__(self, doc: ClassifiedDocument) -> list[Document]:
         pairs = checked_pairs(doc)
         rng = doc_rng(self.options.seed, doc.doc_id, self.name)
-        pieces, cursor, tags = [], 0, 0
+        pieces, cursor, tags, spans = [], 0, 0, []
         for seg, label in pairs:
-            if label.safe:
-                continue
-            for match in _WORD_RE.finditer(seg.text):
-                if rng.random() < self.options.p:
-                    position = seg.start + match.start()
-                    pieces.append(doc.text[cursor:position])
-                    pieces.append(UNSAFE_TAG)
-                    cursor = position
-                    tags += 1
+            start = seg.start + tags * len(UNSAFE_TAG)  # tags before this segment shift it
+            if not label.safe:
+                for match in _WORD_RE.finditer(seg.text):
+                    if rng.random() < self.options.p:
+                        position = seg.start + match.start()
+                        pieces.append(doc.text[cursor:position])
+                        pieces.append(UNSAFE_TAG)
+                        cursor = position
+                        tags += 1
+            spans.append([start, seg.end + tags * len(UNSAFE_TAG)])
         pieces.append(doc.text[cursor:])
-        return [output_document(doc, self.name, "".join(pieces), unsafe_tags=tags)]
+        return [output_document(doc, self.name, "".join(pieces), unsafe_tags=tags,
+                                segment_spans=spans)]
 
     def describe(self) -> dict[str, Any]:
         return describe_options(self.name, self.options)

@@ -274,15 +274,18 @@ class SegmentStage:
 
     The tokenizer and splitter are loaded on first use and dropped when pickled, so the stage
     is cheap to ship to worker processes. ``tokenizer_dir`` defaults to the packaged tokenizer;
-    it must be the tokenizer the dataset is built with, or ``num_tokens`` will not match.
+    it must be the tokenizer the dataset is built with, or ``num_tokens`` will not match. A
+    ``tokenizer`` object given instead travels with the stage.
     """
 
     name: ClassVar[str] = "segment"
 
-    def __init__(self, config: SegmentConfig | None = None, tokenizer_dir: str | Path | None = None):
+    def __init__(self, config: SegmentConfig | None = None, tokenizer_dir: str | Path | None = None,
+                 tokenizer: Any = None):
         self.config = config or SegmentConfig()
         self.tokenizer_dir = str(tokenizer_dir) if tokenizer_dir is not None else None
-        self._tokenizer = None
+        self._given_tokenizer = tokenizer  # an SRPTokenizer already loaded (it pickles)
+        self._tokenizer = tokenizer
         self._splitter: SentenceSplitter | None = None
 
     def _load(self) -> tuple[Any, SentenceSplitter]:
@@ -295,10 +298,11 @@ class SegmentStage:
         return self._tokenizer, self._splitter
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "tokenizer_dir": self.tokenizer_dir}
+        return {"config": self.config, "tokenizer_dir": self.tokenizer_dir,
+                "tokenizer": self._given_tokenizer}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["config"], state["tokenizer_dir"])
+        self.__init__(state["config"], state["tokenizer_dir"], state.get("tokenizer"))
 
     def __call__(self, doc: Document) -> Iterator[Document]:
         tokenizer, splitter = self._load()

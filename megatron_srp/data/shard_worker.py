@@ -1,0 +1,250 @@
+"""The work of one shard: read -> stages -> segment + classify -> every variant -> tokenize.
+
+A worker (a local process or a Ray actor) builds one :class:`ShardProcessor` and calls it for
+each shard it is given. Per variant it writes ``<work>/<variant>/shard-NNNNNN.bin`` (token ids),
+``.lengths.npy`` (one length per document) and ``.labels.jsonl`` (the label sidecar, with
+shard-local document numbers); rejected records go to ``<work>/rejects/shard-NNNNNN.jsonl``.
+``<work>/done/shard-NNNNNN.json`` (the shard's counts) is written last, atomically: a shard
+without it is redone from scratch by a resumed run.
+
+Like pipeline.py, this module imports nothing from ``megatron.core`` (seconds per worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+from megatron_srp.data.labeling import Labeler
+from megatron_srp.data.pipeline import Document, Stage, apply_stages
+from megatron_srp.data.readers import InputError, Reject
+from megatron_srp.data.shards import ReaderOptions, ShardSpec, read_shard
+from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.reflection.types import ClassifiedDocument
+
+CHUNK_DOCS = 256
+CHUNK_CHARS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One output dataset of a run: a name and the intervention that makes its documents."""
+
+    name: str
+    intervention: Any  # an Intervention (megatron_srp.interventions)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def done_path(work_dir: Path, index: int) -> Path:
+    return work_dir / "done" / f"{shard_name(index)}.json"
+
+
+def variant_shard_prefix(work_dir: Path, variant: str, index: int) -> Path:
+    return work_dir / variant / shard_name(index)
+
+
+class _VariantWriter:
+    """Token ids, lengths and label-sidecar lines of one variant in one shard."""
+
+    def __init__(self, prefix: Path, dtype: np.dtype, with_labels: bool) -> None:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.dtype = dtype
+        self.bin: IO[bytes] = open(f"{prefix}.bin", "wb")
+        self.labels: Optional[IO[str]] = (
+            open(f"{prefix}.labels.jsonl", "w", encoding="utf-8") if with_labels else None)
+        self.lengths: list[int] = []
+        self.counts: Counter = Counter()
+
+    def add(self, ids: list[int], eod: int) -> int:
+        """Append one document; returns its shard-local number."""
+        array = np.array(ids + [eod], dtype=self.dtype)
+        self.bin.write(array.tobytes(order="C"))
+        self.lengths.append(array.size)
+        self.counts["documents"] += 1
+        self.counts["tokens"] += array.size
+        return len(self.lengths) - 1
+
+    def close(self) -> None:
+        self.bin.close()
+        np.save(f"{self.prefix}.lengths.npy", np.array(self.lengths, dtype=np.int64))
+        if self.labels is not None:
+            self.labels.close()
+
+
+@dataclass
+class ShardProcessor:
+    """Everything a worker needs; picklable (tokenizer and classifier load lazily)."""
+
+    tokenizer: SRPTokenizer
+    reader: ReaderOptions
+    stages: tuple[Stage, ...]
+    labeler: Labeler
+    variants: tuple[Variant, ...]
+    dtype_name: str
+    work_dir: str
+    strict: bool = False
+    chunk_docs: int = CHUNK_DOCS
+
+    def __call__(self, spec: ShardSpec) -> dict[str, Any]:
+        """Process one shard and return (and record in its done file) its counts."""
+        work = Path(self.work_dir)
+        dtype = np.dtype(self.dtype_name)
+        with_labels = self.labeler.classifier is not None
+        writers = {v.name: _VariantWriter(variant_shard_prefix(work, v.name, spec.index), dtype,
+                                          with_labels) for v in self.variants}
+        rejects_path = work / "rejects" / f"{shard_name(spec.index)}.jsonl"
+        rejects_path.parent.mkdir(parents=True, exist_ok=True)
+        counts: Counter = Counter()
+        reasons: Counter = Counter()
+        categories: Counter = Counter()
+        with open(rejects_path, "w", encoding="utf-8") as rejects:
+            def on_reject(reject: Reject) -> None:
+                rejects.write(json.dumps(reject.to_json(), ensure_ascii=False) + "\n")
+                reasons[reason_kind(reject.reason)] += 1
+
+            docs = read_shard(spec, self.reader, None if self.strict else on_reject)
+            for chunk in _chunks(docs, self.chunk_docs):
+                counts["documents_read"] += len(chunk)
+                staged = [d for doc in chunk for d in apply_stages(doc, self.stages)]
+                kept = [d for d in staged if d.text.strip()]
+                counts["empty_after_stages"] += len(staged) - len(kept)
+                for item in self.labeler.label(kept):
+                    if isinstance(item, Reject):
+                        if self.strict:
+                            raise InputError(f"{item.location}: {item.reason}")
+                        on_reject(item)
+                        continue
+                    _count_labels(item, counts, categories)
+                    self._write_variants(item, writers)
+        for writer in writers.values():
+            writer.close()
+        result = {
+            "shard": spec.index, "path": spec.path, "start": spec.start, "end": spec.end,
+            **counts, "rejected": sum(reasons.values()), "reject_reasons": dict(reasons),
+            "categories": dict(categories),
+            "variants": {name: dict(w.counts) for name, w in writers.items()},
+        }
+        _write_atomic(done_path(work, spec.index), json.dumps(result, sort_keys=True))
+        return result
+
+    def _write_variants(self, doc: ClassifiedDocument, writers: dict[str, _VariantWriter]
+                        ) -> None:
+        eod = self.tokenizer.eod
+        for variant in self.variants:
+            writer = writers[variant.name]
+            outs = [o for o in variant.intervention(doc) if o.text.strip()]
+            writer.counts["documents_without_output"] += 0 if outs else 1
+            encodings = self.tokenizer.encode_batch([o.text for o in outs]) if outs else []
+            placed: dict[int, tuple[int, Optional[list[int]]]] = {}
+            for out, encoding in zip(outs, encodings):
+                number = writer.add(encoding.ids, eod)
+                for index, span in _segment_spans(out, len(doc.segments)):
+                    tokens = None if span is None else _token_span(encoding, *span)
+                    placed.setdefault(index, (number, tokens))
+            if writer.labels is not None:
+                writer.labels.write(_sidecar_lines(doc, placed))
+                writer.counts["segments_placed"] += len(placed)
+
+
+def _segment_spans(out: Document, n: int) -> Iterator[tuple[int, Optional[list[int]]]]:
+    """(segment index, character span in ``out`` or None) for the segments ``out`` carries."""
+    spans = out.meta.get("segment_spans")
+    if spans is not None:
+        for index, span in enumerate(spans[:n]):
+            if span is not None:
+                yield index, span
+    elif "source_segment" in out.meta:  # a dialogue made from one segment (refusal)
+        yield out.meta["source_segment"], None
+
+
+def _token_span(encoding: Any, start: int, end: int) -> Optional[list[int]]:
+    """Tokens covering characters ``[start, end)``: from the token holding ``start`` to the one
+    holding ``end - 1``."""
+    if end <= start:
+        return None
+    first = encoding.char_to_token(start)
+    last = encoding.char_to_token(end - 1)
+    if first is None or last is None:
+        return None
+    return [first, last + 1]
+
+
+def _sidecar_lines(doc: ClassifiedDocument, placed: dict[int, tuple[int, Optional[list[int]]]]
+                   ) -> str:
+    lines = []
+    token_cursor = 0
+    for seg, label in zip(doc.segments, doc.labels):
+        number, tokens = placed.get(seg.index, (None, None))
+        lines.append(json.dumps({
+            "doc_id": doc.doc_id, "segment": seg.index, "chars": [seg.start, seg.end],
+            "source_tokens": [token_cursor, token_cursor + seg.num_tokens],
+            "label": "safe" if label.safe else "unsafe", "category": label.category,
+            "score": round(float(label.score), 6), "dataset_doc": number, "tokens": tokens,
+        }, ensure_ascii=False))
+        token_cursor += seg.num_tokens
+    return "".join(line + "\n" for line in lines)
+
+
+def _count_labels(doc: ClassifiedDocument, counts: Counter, categories: Counter) -> None:
+    counts["documents_labelled"] += 1
+    for seg, label in zip(doc.segments, doc.labels):
+        counts["segments"] += 1
+        counts["source_tokens"] += seg.num_tokens
+        if not label.safe:
+            counts["unsafe_segments"] += 1
+            categories[label.category or "none"] += 1
+
+
+def reason_kind(reason: str) -> str:
+    """The reason without its details: ``invalid JSON: Expecting value (column 3)`` ->
+    ``invalid JSON``; used to summarise rejects."""
+    return reason.split(" (")[0].split(":")[0].strip()
+
+
+def _chunks(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    """Groups of documents, so classification and tokenization run in batches."""
+    chunk: list[Document] = []
+    chars = 0
+    for doc in docs:
+        chunk.append(doc)
+        chars += len(doc.text)
+        if len(chunk) >= size or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text + "\n", encoding="utf-8")
+    os.replace(temp, path)
+
+
+_WORKER: Optional[ShardProcessor] = None
+
+
+def init_worker(processor: ShardProcessor) -> None:
+    """Process-pool initializer: keep the processor (tokenizer loaded once) for the worker."""
+    global _WORKER
+    # Worker processes already use every core; the tokenizer's thread pool would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = processor
+
+
+def run_worker_shard(spec: ShardSpec) -> dict[str, Any]:
+    if _WORKER is None:
+        raise RuntimeError("run_worker_shard called in a process init_worker did not set up")
+    return _WORKER(spec)
+
