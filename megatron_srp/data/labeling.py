@@ -38,7 +38,8 @@ class Labeler:
         """The ``segment`` and ``classify`` entries of a dataset's ``stages``."""
         if self.classifier is None:
             return []
-        return [self._segmenter.describe(), {"name": "classify", **self.classifier.describe()}]
+        return [self._segmenter.describe(),
+                {"name": "classify", "classifier": self.classifier.describe()}]
 
     def label(self, docs: Sequence[Document]) -> list[ClassifiedDocument | Reject]:
         if self.classifier is None:

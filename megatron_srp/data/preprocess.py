@@ -391,7 +391,7 @@ def _variant_meta(variant: Variant, describe: dict[str, Any], tokenizer: SRPToke
         "dtype": np.dtype(dtype).name,
         "reader": describe["reader"],
         "stages": describe["stages"],
-        "classifier": describe["stages"][-1] if with_labels else None,
+        "classifier": describe["stages"][-1]["classifier"] if with_labels else None,
         "intervention": describe["variants"][variant.name],
         "inputs": [{k: i[k] for k in ("path", "format", "bytes")} for i in describe["inputs"]],
         "counts": {
