@@ -34,8 +34,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors"],
-        "ray": ["ray"],
+        "ray": ["ray[data]>=2.40"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "ray[data]>=2.40", "transformers", "safetensors"],
     },
 )

@@ -176,6 +176,13 @@ def test_filter_rewrite_refusal_contents(run, tok) -> None:
             source = raw_segment(raw, records, r, tok)
             assert tok.detokenize(filter_docs[r["dataset_doc"]][r["tokens"][0]:r["tokens"][1]]
                                   ) == source
+    rewrite_docs = _docs(run.layout.prefixes["rewrite"])
+    for r in _labels(run.layout.prefixes["rewrite"]):
+        if r["label"] == "unsafe":
+            assert r["tokens"] is None  # replaced
+        else:
+            ids = rewrite_docs[r["dataset_doc"]][r["tokens"][0]:r["tokens"][1]]
+            assert tok.detokenize(ids) == raw_segment(raw, records, r, tok)
     rewrite_text = "".join(tok.detokenize(d[:-1]) for d in _docs(run.layout.prefixes["rewrite"]))
     notices = TemplateRewriter().rewrite("x", SafetyLabel(False, "S10", 1.0))
     assert rewrite_text.count(notices) == sum(r["category"] == "S10" for r in unsafe)

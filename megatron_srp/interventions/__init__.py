@@ -9,8 +9,8 @@ raw        identity, the baseline                                       (none)
 reflect    SRP: a reflection after every segment (or one at the end)    every_segment, include_category
 filter     drop harmful segments, or whole documents                    mode, threshold
 tag        ``<potentially_unsafe_content>`` before words of unsafe text p, seed
-rewrite    unsafe segments replaced by a safe rewrite (template stand-in) rewriter, threshold
-refusal    request -> refusal dialogues from the most harmful segments  min_score, request_words
+rewrite    unsafe segments replaced by a safe rewrite (template or endpoint) rewriter, threshold, endpoint
+refusal    request -> refusal dialogues from the most harmful segments  min_score, request_words, writer, endpoint
 ========== ============================================================ =====================
 
 Every intervention is a frozen dataclass holding a frozen options dataclass; it has a class

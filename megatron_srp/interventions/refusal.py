@@ -12,18 +12,23 @@ with no such segment produces nothing. Dialogue ids are ``<doc_id>/refusal/<segm
 ``meta`` gains ``source_doc_id``, ``source_segment`` and ``refusal_category``.
 
 The paper writes requests and refusals with an LLM; **these templates are the offline
-stand-in** (deterministic, one request and one refusal form).
+stand-in** (deterministic, one request and one refusal form). An LLM writer plugs in as
+``Refusal(options, writer=...)``: any object with ``dialogue(segment_text, label) -> str`` and
+``describe()`` (optionally ``dialogue_many(items, fallback)`` for a whole document at once),
+such as :class:`megatron_srp.interventions.endpoint_writers.EndpointDialogueWriter`; or by
+option: ``writer="endpoint", endpoint={"model": ..., "base_url": ...}``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from megatron_srp.data.pipeline import Document
 from megatron_srp.interventions.base import (
     category_name,
     check_int,
+    check_choice,
     check_number,
     checked_pairs,
     describe_options,
@@ -44,18 +49,31 @@ REFUSAL_TEMPLATE = (
 class RefusalOptions:
     min_score: float = 0.9  # unsafe segments with score >= min_score become dialogues
     request_words: int = 12  # words of the segment quoted in the request
+    writer: str = "template"  # "template", or "endpoint": an LLM writes the dialogues
+    endpoint: Optional[dict[str, Any]] = None  # EndpointDialogueWriter options, for "endpoint"
 
     def __post_init__(self) -> None:
         check_number("min_score", self.min_score, 0.0, 1.0)
         check_int("request_words", self.request_words, 1)
+        check_choice("writer", self.writer, ("template", "endpoint"))
+        if (self.writer == "endpoint") != isinstance(self.endpoint, dict):
+            raise ValueError("option 'endpoint' (a mapping of endpoint options such as model "
+                             "and base_url) is required with writer='endpoint' and only then")
 
 
 @dataclass(frozen=True)
 class Refusal:
     options: RefusalOptions = field(default_factory=RefusalOptions)
     taxonomy: Taxonomy = DEFAULT_TAXONOMY
+    writer: Optional[Any] = None  # None: the template dialogue (or options.writer="endpoint")
     name: ClassVar[str] = "refusal"
     Options: ClassVar[type] = RefusalOptions
+
+    def __post_init__(self) -> None:
+        if self.writer is None and self.options.writer == "endpoint":
+            from megatron_srp.interventions.endpoint_writers import EndpointDialogueWriter
+            object.__setattr__(self, "writer", EndpointDialogueWriter(
+                **self.options.endpoint, taxonomy=self.taxonomy))
 
     def dialogue(self, segment_text: str, label: SafetyLabel) -> str:
         words = segment_text.split()
@@ -67,17 +85,28 @@ class Refusal:
         return (f"User: {REQUEST_TEMPLATE.format(excerpt=excerpt)}\n"
                 f"Assistant: {REFUSAL_TEMPLATE.format(topic=topic)}")
 
+    def _dialogues(self, items: list[tuple[str, SafetyLabel]]) -> list[str]:
+        templates = [self.dialogue(text, label) for text, label in items]
+        if self.writer is None or not items:
+            return templates
+        if hasattr(self.writer, "dialogue_many"):
+            return self.writer.dialogue_many(items, fallback=templates)
+        return [self.writer.dialogue(text, label) for text, label in items]
+
     def __call__(self, doc: ClassifiedDocument) -> list[Document]:
+        pairs = [(seg, label) for seg, label in checked_pairs(doc)
+                 if not label.safe and label.score >= self.options.min_score and seg.text.strip()]
+        texts = self._dialogues([(seg.text, label) for seg, label in pairs])
         out = []
-        for seg, label in checked_pairs(doc):
-            if label.safe or label.score < self.options.min_score or not seg.text.strip():
-                continue
+        for (seg, label), text in zip(pairs, texts):
             out.append(output_document(
-                doc, self.name, self.dialogue(seg.text, label),
+                doc, self.name, text,
                 doc_id=f"{doc.doc_id}/refusal/{seg.index}",
                 source_doc_id=doc.doc_id, source_segment=seg.index,
                 refusal_category=label.category))
         return out
 
     def describe(self) -> dict[str, Any]:
-        return describe_options(self.name, self.options, taxonomy=self.taxonomy.name)
+        writer = {"name": "template"} if self.writer is None else self.writer.describe()
+        return describe_options(self.name, self.options, taxonomy=self.taxonomy.name,
+                                writer=writer)

@@ -10,10 +10,16 @@ Two are built in:
   touches the network. It is trained by :mod:`megatron_srp.reflection.train_classifier`
   (``tools/train_classifier.py``); see ``docs/classifiers.md`` for how and how well.
 
-It is a stand-in for a real guard model: ``hf`` (a Hugging Face guard model such as Llama Guard)
-and ``llm-judge`` classifiers are meant to join the registry through
-:func:`register_classifier`, and everything downstream picks a classifier by name with
-:func:`build_classifier`.
+It is a stand-in for a real guard model. Two real ones are registered too, imported only
+when built (so this module needs neither transformers nor an endpoint):
+
+* ``hf`` (:class:`megatron_srp.reflection.hf_classifier.HFClassifier`): a local Hugging Face
+  sequence-classification model, its classes mapped through ``config.id2label``.
+* ``llm-judge`` (:class:`megatron_srp.reflection.llm_judge.LLMJudgeClassifier`): an LLM behind
+  an OpenAI-compatible endpoint (vLLM), prompted Llama Guard style or with a 0-5 rubric.
+
+More join through :func:`register_classifier`; everything downstream picks a classifier by
+name with :func:`build_classifier`.
 """
 from __future__ import annotations
 
@@ -286,3 +292,17 @@ def build_classifier(name: str, **options: Any):
 
 register_classifier("oracle", OracleClassifier)
 register_classifier("embedded", EmbeddedClassifier)
+
+
+def _hf_classifier(**options: Any):
+    from megatron_srp.reflection.hf_classifier import HFClassifier
+    return HFClassifier(**options)
+
+
+def _llm_judge_classifier(**options: Any):
+    from megatron_srp.reflection.llm_judge import LLMJudgeClassifier
+    return LLMJudgeClassifier(**options)
+
+
+register_classifier("hf", _hf_classifier)
+register_classifier("llm-judge", _llm_judge_classifier)
