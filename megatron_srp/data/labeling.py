@@ -9,13 +9,12 @@ of the document gets it); any other classifier sees the segment texts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from megatron_srp.data.pipeline import Document
 from megatron_srp.data.readers import Reject
-from megatron_srp.reflection.segment import META_KEY as SEGMENTS_KEY
 from megatron_srp.reflection.segment import SegmentConfig, SegmentStage
-from megatron_srp.reflection.types import ClassifiedDocument, SafetyLabel
+from megatron_srp.reflection.types import ClassifiedDocument
 
 
 @dataclass
@@ -41,37 +40,36 @@ class Labeler:
         return [self._segmenter.describe(),
                 {"name": "classify", "classifier": self.classifier.describe()}]
 
-    def label(self, docs: Sequence[Document]) -> list[ClassifiedDocument | Reject]:
+    def label(self, docs: Sequence[Document]
+              ) -> list[tuple[ClassifiedDocument | Reject, Optional[Any]]]:
+        """Per document: its ClassifiedDocument (or a Reject) and its token encoding (None
+        without a classifier), which the caller reuses for outputs whose text is unchanged."""
         if self.classifier is None:
-            return [ClassifiedDocument(d.doc_id, d.text, (), (), d.meta) for d in docs]
-        segmented = [next(iter(self._segmenter(d))) for d in docs]
+            return [(ClassifiedDocument(d.doc_id, d.text, (), (), d.meta), None) for d in docs]
+        encodings = self.tokenizer.encode_batch([d.text for d in docs]) if docs else []
+        segmented = [tuple(self._segmenter.segments(d.text, e.offsets))
+                     for d, e in zip(docs, encodings)]
         if self.reads_records:
-            return [self._oracle(d) for d in segmented]
-        texts = [seg.text for d in segmented for seg in d.meta[SEGMENTS_KEY]]
+            return [(self._oracle(d, s), e) for d, s, e in zip(docs, segmented, encodings)]
+        texts = [seg.text for segments in segmented for seg in segments]
         labels = self.classifier.classify(texts) if texts else []
         if len(labels) != len(texts):
             raise RuntimeError(f"classifier {self.classifier.name!r} returned {len(labels)} "
                                f"labels for {len(texts)} segments")
-        out: list[ClassifiedDocument | Reject] = []
+        out: list[tuple[ClassifiedDocument | Reject, Optional[Any]]] = []
         cursor = 0
-        for d in segmented:
-            segments = tuple(d.meta[SEGMENTS_KEY])
-            out.append(_classified(d, segments, tuple(labels[cursor:cursor + len(segments)])))
+        for d, segments, e in zip(docs, segmented, encodings):
+            labelled = tuple(labels[cursor:cursor + len(segments)])
+            out.append((ClassifiedDocument(d.doc_id, d.text, segments, labelled, d.meta), e))
             cursor += len(segments)
         return out
 
-    def _oracle(self, doc: Document) -> ClassifiedDocument | Reject:
-        segments = tuple(doc.meta[SEGMENTS_KEY])
+    def _oracle(self, doc: Document, segments: tuple) -> ClassifiedDocument | Reject:
         try:
             (label,) = self.classifier.classify_records([doc.meta.get("fields", {})])
         except (ValueError, KeyError) as exc:
             reason = str(exc).strip("'\"").replace("record 0", "the record")
             return Reject(doc.meta.get("source", doc.doc_id), doc.meta.get("line"),
                           doc.meta.get("row"), f"oracle label: {reason}", doc.text[:200])
-        return _classified(doc, segments, (label,) * len(segments))
-
-
-def _classified(doc: Document, segments: tuple, labels: tuple[SafetyLabel, ...]
-                ) -> ClassifiedDocument:
-    meta = {k: v for k, v in doc.meta.items() if k != SEGMENTS_KEY}
-    return ClassifiedDocument(doc.doc_id, doc.text, segments, labels, meta)
+        return ClassifiedDocument(doc.doc_id, doc.text, segments, (label,) * len(segments),
+                                  doc.meta)

@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import time
 from collections import Counter
@@ -271,6 +272,8 @@ def _execute(config: PreprocessConfig, processor: ShardProcessor, todo: Sequence
 
         yield from run_shards_on_ray(processor, todo, config.workers, config.ray_address)
     elif config.workers == 1 or len(todo) <= 1:
+        if config.workers == 1:  # one worker, one core: no tokenizer thread pool either
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         for spec in todo:
             yield spec, processor(spec)
     else:

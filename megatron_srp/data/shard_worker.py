@@ -118,14 +118,14 @@ class ShardProcessor:
                 staged = [d for doc in chunk for d in apply_stages(doc, self.stages)]
                 kept = [d for d in staged if d.text.strip()]
                 counts["empty_after_stages"] += len(staged) - len(kept)
-                for item in self.labeler.label(kept):
+                for item, encoding in self.labeler.label(kept):
                     if isinstance(item, Reject):
                         if self.strict:
                             raise InputError(f"{item.location}: {item.reason}")
                         on_reject(item)
                         continue
                     _count_labels(item, counts, categories)
-                    self._write_variants(item, writers)
+                    self._write_variants(item, encoding, writers)
         for writer in writers.values():
             writer.close()
         result = {
@@ -137,14 +137,19 @@ class ShardProcessor:
         _write_atomic(done_path(work, spec.index), json.dumps(result, sort_keys=True))
         return result
 
-    def _write_variants(self, doc: ClassifiedDocument, writers: dict[str, _VariantWriter]
-                        ) -> None:
+    def _write_variants(self, doc: ClassifiedDocument, source: Any,
+                        writers: dict[str, _VariantWriter]) -> None:
+        """Every variant's output for ``doc``; an output whose text is the input's reuses the
+        input's encoding (``source``), which is most documents of most variants."""
         eod = self.tokenizer.eod
         for variant in self.variants:
             writer = writers[variant.name]
             outs = [o for o in variant.intervention(doc) if o.text.strip()]
             writer.counts["documents_without_output"] += 0 if outs else 1
-            encodings = self.tokenizer.encode_batch([o.text for o in outs]) if outs else []
+            changed = [o.text for o in outs if source is None or o.text != doc.text]
+            fresh = iter(self.tokenizer.encode_batch(changed) if changed else [])
+            encodings = [next(fresh) if source is None or o.text != doc.text else source
+                         for o in outs]
             placed: dict[int, tuple[int, Optional[list[int]]]] = {}
             for out, encoding in zip(outs, encodings):
                 number = writer.add(encoding.ids, eod)

@@ -120,6 +120,7 @@ class OracleClassifier:
 # ----------------------------------------------------------------------------- features
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+_WORD_CACHE_SIZE = 50_000  # distinct words memoised per featurizer (about 35 MB at most)
 
 
 class HashedNgramFeaturizer:
@@ -144,36 +145,62 @@ class HashedNgramFeaturizer:
         return {"dim": self.dim, "word_ngrams": self.word_ngrams, "char_min": self.char_min,
                 "char_max": self.char_max, "max_chars": self.max_chars}
 
-    def _hashes(self, text: str) -> list[int]:
-        words = _TOKEN_RE.findall(text[: self.max_chars].lower())
-        crc = zlib.crc32
-        out = [crc(b"w" + w.encode()) for w in words]
-        if self.word_ngrams >= 2:
-            out += [crc(b"b" + f"{a} {b}".encode()) for a, b in zip(words, words[1:])]
-        for w in words:
-            bw = b" " + w.encode() + b" "
+    def __getstate__(self) -> dict[str, Any]:
+        return self.config()  # not the word cache
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def _word(self, word: str) -> tuple[list[int], bytes, int]:
+        """The word's unigram and character n-gram hashes, its UTF-8 bytes, and the CRC state
+        after ``b"b" + word + b" "`` (a bigram's hash continues from it). Memoised: words
+        repeat (Zipf), and hashing is most of the classifier's time."""
+        cache = self.__dict__.setdefault("_cache", {})
+        entry = cache.get(word)
+        if entry is None:
+            crc = zlib.crc32
+            raw = word.encode()
+            bw = b" " + raw + b" "
+            hashes = [crc(b"w" + raw)]
             for n in range(self.char_min, self.char_max + 1):
-                out += [crc(bw[i:i + n]) for i in range(len(bw) - n + 1)]
+                hashes += [crc(bw[i:i + n]) for i in range(len(bw) - n + 1)]
+            if len(cache) >= _WORD_CACHE_SIZE:
+                cache.clear()
+            entry = cache[word] = (hashes, raw, crc(b"b" + raw + b" "))
+        return entry
+
+    def _hashes(self, text: str) -> list[int]:
+        """All feature hashes of ``text``, in no particular order (they are counted)."""
+        words = [self._word(w) for w in _TOKEN_RE.findall(text[: self.max_chars].lower())]
+        out: list[int] = []
+        for hashes, _, _ in words:
+            out += hashes
+        if self.word_ngrams >= 2:
+            crc = zlib.crc32  # crc32(b"b" + a + b" " + b) == crc32(b, crc32(b"b" + a + b" "))
+            out += [crc(b[1], a[2]) for a, b in zip(words, words[1:])]
         return out
 
     def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR pieces ``(indptr, indices, values)`` for ``len(texts)`` rows of ``dim`` columns."""
-        indptr = [0]
-        indices: list[np.ndarray] = []
-        values: list[np.ndarray] = []
-        mask = self.dim - 1
+        """CSR pieces ``(indptr, indices, values)`` for ``len(texts)`` rows of ``dim`` columns:
+        per row, the distinct buckets (sorted) and their L2-normalised counts."""
+        hashes: list[int] = []
+        lengths = []
         for text in texts:
-            h = np.asarray(self._hashes(text), dtype=np.int64) & mask
-            idx, counts = np.unique(h, return_counts=True)
-            vals = counts.astype(np.float32)
-            if len(vals):
-                vals /= np.sqrt(np.dot(vals, vals))
-            indices.append(idx)
-            values.append(vals)
-            indptr.append(indptr[-1] + len(idx))
-        return (np.asarray(indptr, dtype=np.int64),
-                np.concatenate(indices) if indices else np.zeros(0, np.int64),
-                np.concatenate(values) if values else np.zeros(0, np.float32))
+            row = self._hashes(text)
+            hashes += row
+            lengths.append(len(row))
+        rows = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+        keys = rows * self.dim + (np.asarray(hashes, dtype=np.int64) & (self.dim - 1))
+        unique, counts = np.unique(keys, return_counts=True)
+        row_of = unique // self.dim
+        indptr = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_of, minlength=len(texts)), out=indptr[1:])
+        values = counts.astype(np.float32)
+        squares = np.zeros(len(texts), dtype=np.float32)
+        np.add.at(squares, row_of, values * values)
+        norms = np.sqrt(squares)
+        values /= np.where(norms > 0, norms, 1)[row_of]
+        return indptr, unique % self.dim, values
 
 
 def sparse_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,

@@ -29,6 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Protocol, Sequence
 
+import numpy as np
+
 from megatron_srp.data.pipeline import Document
 from megatron_srp.reflection.types import Segment
 
@@ -124,13 +126,33 @@ class BlingfireSplitter:
         except PackageNotFoundError:  # pragma: no cover - vendored copy
             self.version = "unknown"
 
+    def sentence_spans(self, text: str) -> list[tuple[int, int]]:
+        """``blingfire.text_to_sentences_and_offsets(text)[1]``, with the UTF-8 byte -> character
+        offset mapping done in numpy (the wrapper loops over every byte in Python, which was
+        the slowest part of segmentation)."""
+        from ctypes import byref, c_char_p, c_int, c_int32, create_string_buffer
+
+        data = text.encode("utf-8")
+        size = len(data) * 2
+        out = create_string_buffer(size)
+        starts, ends = (c_int32 * size)(), (c_int32 * size)()
+        n = self._blingfire.blingfire.TextToSentencesWithOffsets(
+            c_char_p(data), c_int(len(data)), byref(out), byref(starts), byref(ends), c_int(size))
+        if n == -1 or n > size:
+            return []
+        count = out.value.count(b"\n") + 1
+        lead = np.frombuffer(data, dtype=np.uint8) & 0xC0 != 0x80
+        char_at = np.concatenate(([0], np.cumsum(lead)))  # char index of each byte offset
+        b = np.frombuffer(starts, dtype=np.int32, count=count)
+        e = np.frombuffer(ends, dtype=np.int32, count=count) + 1
+        if b.min(initial=0) < 0 or e.max(initial=0) > len(data):
+            return []
+        return list(zip(char_at[b].tolist(), char_at[e].tolist()))
+
     def sentence_ends(self, text: str) -> list[int]:
         if not text.strip():
             return []  # blingfire asserts on empty / whitespace-only input
-        try:
-            _, spans = self._blingfire.text_to_sentences_and_offsets(text)
-        except AssertionError:  # its offset mapping can fail on odd Unicode; fall back to none
-            return []
+        spans = self.sentence_spans(text)
         ends = []
         for start, end in spans:
             if 0 <= start < end <= len(text):
@@ -196,16 +218,19 @@ def segment_text(
     tokenizer: Any,
     config: SegmentConfig | None = None,
     splitter: SentenceSplitter | None = None,
+    offsets: Sequence[tuple[int, int]] | None = None,
 ) -> list[Segment]:
     """Cut ``text`` into :class:`Segment`s that cover it exactly, in order.
 
     ``tokenizer`` is an :class:`~megatron_srp.data.tokenizer.SRPTokenizer` or a
-    ``tokenizers.Tokenizer``; ``splitter`` overrides ``config.splitter``.
+    ``tokenizers.Tokenizer``; ``splitter`` overrides ``config.splitter``. ``offsets`` are the
+    text's token offsets when the caller already encoded it.
     """
     config = config or SegmentConfig()
     if not text:
         return []
-    offsets = _token_offsets(text, tokenizer)
+    if offsets is None:
+        offsets = _token_offsets(text, tokenizer)
     n = len(offsets)
     if n <= config.max_tokens:
         return [Segment(index=0, start=0, end=len(text), text=text, num_tokens=n)]
@@ -305,9 +330,13 @@ class SegmentStage:
         self.__init__(state["config"], state["tokenizer_dir"], state.get("tokenizer"))
 
     def __call__(self, doc: Document) -> Iterator[Document]:
+        yield replace(doc, meta={**doc.meta, META_KEY: self.segments(doc.text)})
+
+    def segments(self, text: str, offsets: Sequence[tuple[int, int]] | None = None
+                 ) -> list[Segment]:
+        """:func:`segment_text` with this stage's tokenizer, splitter and config."""
         tokenizer, splitter = self._load()
-        segments = segment_text(doc.text, tokenizer, self.config, splitter=splitter)
-        yield replace(doc, meta={**doc.meta, META_KEY: segments})
+        return segment_text(text, tokenizer, self.config, splitter=splitter, offsets=offsets)
 
     def describe(self) -> dict[str, Any]:
         tokenizer, splitter = self._load()
