@@ -1,0 +1,185 @@
+"""The preprocessing benchmark: corpus builder, process-tree measurement, report, skip paths.
+
+Real files and real subprocesses on a ~0.3 MB corpus. The comparison with Megatron-LM runs only
+when ``SRP_MEGATRON_LM`` names a checkout (and is marked slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+from megatron_srp.data import bench_preprocess as bench
+from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_MB = 0.3
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(shared_data: Path, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.jsonl"
+    bench.build_corpus(path, TINY_MB, shared_data)
+    return path
+
+
+def test_corpus_is_deterministic_and_hits_the_target(shared_data: Path, tiny_corpus: Path,
+                                                     tmp_path: Path) -> None:
+    again = tmp_path / "again.jsonl"
+    record = bench.build_corpus(again, TINY_MB, shared_data)
+    assert again.read_bytes() == tiny_corpus.read_bytes()
+    lines = again.read_bytes().splitlines(keepends=True)
+    target = int(TINY_MB * bench.MB)
+    assert target <= record["bytes"] == again.stat().st_size < target + max(map(len, lines))
+    assert record["documents"] == len(lines)
+    docs = [json.loads(line) for line in lines]
+    assert len({d["id"] for d in docs}) == len(docs)
+    assert all(300 <= len(d["text"]) <= 20_000 for d in docs)
+    assert len(record["documents_per_source"]) >= 5  # several sources, not one file
+
+    # Same parameters: reused as is. Another seed: rebuilt, and different.
+    mtime = again.stat().st_mtime_ns
+    assert bench.build_corpus(again, TINY_MB, shared_data) == record
+    assert again.stat().st_mtime_ns == mtime
+    bench.build_corpus(again, TINY_MB, shared_data, seed=1)
+    assert again.read_bytes() != tiny_corpus.read_bytes()
+    assert json.loads((tmp_path / "again.jsonl.json").read_text())["params"]["seed"] == 1
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_corpus_cycles_without_identical_documents(shared_data: Path, tmp_path: Path) -> None:
+    # One small source (toxigen, 0.2 MB) for a 0.6 MB corpus: the material is cycled.
+    data = tmp_path / "data" / "toxigen"
+    data.mkdir(parents=True)
+    (data / "toxigen_statements.jsonl").write_bytes(
+        (shared_data / "toxigen" / "toxigen_statements.jsonl").read_bytes())
+    out = tmp_path / "cycled.jsonl"
+    record = bench.build_corpus(out, 0.6, tmp_path / "data")
+    assert record["cycles"] >= 3 and list(record["documents_per_source"]) == ["toxigen"]
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(set(texts)) == len(texts)
+
+
+def test_measure_sums_rss_over_the_process_tree(tmp_path: Path) -> None:
+    # The parent holds ~60 MB and its child another ~120 MB: the sum must exceed either.
+    code = ("import subprocess, sys, time\n"
+            "a = bytearray(60 << 20)\n"
+            "c = subprocess.Popen([sys.executable, '-c', "
+            "'import time; b = bytearray(120 << 20); time.sleep(1.0)'])\n"
+            "c.wait()\n")
+    run = bench.measure([sys.executable, "-c", code], tmp_path / "log.txt")
+    assert run["returncode"] == 0
+    assert run["peak_rss_bytes"] > 180 * bench.MB
+    assert 1.0 <= run["seconds"] < 30 and run["cpu_seconds"] > 0
+    assert run["peak_pss_bytes"] and run["polls"] > 5 and run["max_processes"] == 2
+
+
+def test_raw_case_counts_tokens_from_the_idx(shared_data: Path, tiny_corpus: Path,
+                                             tmp_path: Path) -> None:
+    """Our raw case at 1 worker, measured as a real subprocess of tools/preprocess_srp.py."""
+    report = bench.run_bench(tmp_path, TINY_MB, [1], ["ours-raw"], data_dir=shared_data)
+    corpus = Path(report["corpora"][f"{TINY_MB:g}"]["path"])
+    assert corpus.read_bytes() == tiny_corpus.read_bytes()
+    (run,) = report["runs"]
+    assert run["returncode"] == 0, run.get("error")
+    ds = IndexedDataset(run["prefix"])
+    assert run["tokens"] == int(ds.sequence_lengths.sum()) and run["documents"] == len(ds)
+    # Independently: our tokenizer over the corpus, one end-of-document per document.
+    tok = SRPTokenizer.from_dir(default_tokenizer_dir())
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert not any(t in text for text in texts for t in tok.special_tokens)
+    assert run["tokens"] == sum(len(ids) + 1 for ids in tok.tokenize_batch(texts))
+    assert run["documents"] == run["input_documents"] == len(texts)
+    assert run["peak_rss_bytes"] > 50 * bench.MB and run["docs_per_s"] > 0
+    assert run["max_processes"] >= 1 and run["cpu_seconds"] > 0
+    assert report["machine"]["cpu_count"] and report["machine"]["git_commit"]
+    (row,) = report["summary"]
+    assert row["tokens"] == run["tokens"] and row["seconds"] == run["seconds"]
+    text = (tmp_path / "report.md").read_text()
+    assert text == bench.markdown_report(json.loads((tmp_path / "report.json").read_text()))
+    assert f"| ours-raw | 1 | {TINY_MB:g} | {run['documents']} | {run['tokens']} |" in text
+
+
+def test_cli_reports_the_megatron_skip(shared_data: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "tools/bench_preprocess.py", "--corpus-mb", str(TINY_MB),
+           "--cases", "megatron-lm", "--work-dir", str(tmp_path), "--data-dir", str(shared_data)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert bench.SKIP_NO_MEGATRON in done.stderr
+    assert f"## Skipped\n\n- {bench.SKIP_NO_MEGATRON}" in done.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["skipped"] == [
+        bench.SKIP_NO_MEGATRON]
+
+
+def test_megatron_case_skips_with_a_clear_message(tmp_path: Path) -> None:
+    args = (["megatron-lm"], [1], sys.executable)
+    assert bench.plan_cases(*args, None, sys.executable, tmp_path)[1] == [bench.SKIP_NO_MEGATRON]
+    planned, skipped = bench.plan_cases(*args, str(tmp_path / "nope"), sys.executable, tmp_path)
+    assert not planned and "does not exist" in skipped[0]
+
+
+def _dataset(prefix: Path, docs: list[list[int]]) -> str:
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(8192))
+    for ids in docs:
+        builder.add_document(np.array(ids), [len(ids)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_compare_datasets_explains_special_token_differences(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    texts = ["plain", "has <|endoftext|> inside", "plain again"]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ours = _dataset(tmp_path / "ours", [[1, 2, 9], [3, 9], [4, 9]])
+    same = _dataset(tmp_path / "same", [[1, 2, 9], [3, 9, 9], [4, 9]])
+    other = _dataset(tmp_path / "other", [[1, 2, 9], [3, 9], [5, 9]])
+    specials = ["<|endoftext|>"]
+    check = bench.compare_datasets(ours, same, corpus, specials)
+    assert check["same_tokens"] and check["identical"] == 2
+    assert check["differing_explained_by_special_tokens"] == 1
+    check = bench.compare_datasets(ours, other, corpus, specials)
+    assert not check["same_tokens"] and check["first_unexplained"] == [2]
+
+
+def test_goals_and_markdown_from_summary_rows() -> None:
+    def row(case: str, workers: int, mb: float, docs_per_s: float, rss: float) -> dict:
+        return {"case": case, "workers": workers, "corpus_mb": mb, "documents": 10, "tokens": 99,
+                "seconds": 1.0, "docs_per_s": docs_per_s, "tokens_per_s": 99.0, "mb_per_s": 1.0,
+                "cpu_seconds": 1.0, "peak_rss_mb": rss, "peak_pss_mb": None, "repeats": 1,
+                "failed": 0, "max_processes": 3}
+
+    rows = [row("ours-raw", 2, 50, 100, 400), row("ours-srp", 2, 50, 40, 500),
+            row("megatron-lm", 2, 50, 90, 900), row("ours-raw", 2, 5, 100, 390)]
+    goals = {g["goal"].split(" (")[0]: g for g in bench.evaluate_goals(rows, 50, 5, 1.25)}
+    assert goals["raw >= megatron-lm"]["met"] and goals["raw >= megatron-lm"]["ratio"] > 1.1
+    assert not goals["srp >= 0.5 x raw"]["met"]
+    assert goals["ours-raw peak RSS flat"]["met"]
+    report = {"machine": {"date_utc": "d", "cpu_model": "cpu", "cpu_count": 2, "memory_gb": 1,
+                          "python": "3", "torch": "t", "megatron-core": "m", "git_commit": "abc",
+                          "git_dirty": False},
+              "params": {"repeats": 1, "scaling_mb": 5}, "summary": rows,
+              "goals": list(goals.values()), "skipped": ["skipped x"], "tokenizer_check": None}
+    text = bench.markdown_report(report)
+    assert text.count("| ours-raw | 2 |") == 3  # two table rows and one flatness row
+    assert "| srp >= 0.5 x raw (docs/s) | 2 | 0.40 | NO |" in text and "- skipped x" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SRP_MEGATRON_LM"),
+                    reason="set SRP_MEGATRON_LM to a Megatron-LM checkout (and "
+                           "SRP_MEGATRON_PYTHON to a python with transformers, six, triton)")
+def test_megatron_lm_gives_the_same_token_ids(shared_data: Path, tmp_path: Path) -> None:
+    report = bench.run_bench(tmp_path, TINY_MB, [1], ["ours-raw", "megatron-lm"],
+                             megatron_lm=os.environ["SRP_MEGATRON_LM"],
+                             megatron_python=os.environ.get("SRP_MEGATRON_PYTHON"),
+                             data_dir=shared_data)
+    assert not report["skipped"] and all(r["returncode"] == 0 for r in report["runs"])
+    check = report["tokenizer_check"]
+    assert check["same_tokens"] and check["identical"] == check["compared"] > 100
