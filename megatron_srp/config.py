@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_srp.model.presets import PRESETS, ModelShape, resolve_shape
+from megatron_srp.model.presets import ModelShape, resolve_shape
 
 
 class ConfigError(ValueError):

@@ -59,7 +59,7 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 def validate(cfg: ExperimentConfig, world_size: int, platform: Platform,
              check_files: bool = True, require_data: bool = True) -> None:
     """Raise :class:`ConfigError` for the first rule the config breaks."""
-    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     _require(m.preset in PRESETS, "model.preset",
              f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
     _one_of(m.recompute, RECOMPUTE, "model.recompute")

@@ -106,6 +106,8 @@ def test_srp_reflection_exactly_after_each_segment(run, tok) -> None:
         ids = srp[n][:-1].tolist()
         text = tok.detokenize(ids)
         assert reflection.sub("", text) == tok.detokenize(raw[n][:-1])  # nothing else changed
+        without = [t for t, keep in zip(ids, _outside_reflections(ids, tok)) if keep]
+        assert without == raw[n][:-1].tolist()  # the segments are the raw tokens, exactly
         assert text.count(REFLECT_OPEN) == len(segments)
         cursor = 0
         for r in segments:
@@ -119,6 +121,18 @@ def test_srp_reflection_exactly_after_each_segment(run, tok) -> None:
             checked += 1
         assert cursor == len(ids)
     assert checked == run.summary["segments"]
+
+
+def _outside_reflections(ids: list[int], tok) -> list[bool]:
+    """Per token: False inside a reflection (opener to closer, both included)."""
+    keep, inside = [], False
+    for t in ids:
+        if t == tok.reflect_open_id:
+            inside = True
+        keep.append(not inside)
+        if t == tok.reflect_close_id:
+            inside = False
+    return keep
 
 
 def test_sidecar_spans_give_back_the_segments(run, tok) -> None:

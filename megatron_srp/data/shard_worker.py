@@ -16,8 +16,9 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Optional
+from typing import IO, Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -139,26 +140,87 @@ class ShardProcessor:
 
     def _write_variants(self, doc: ClassifiedDocument, source: Any,
                         writers: dict[str, _VariantWriter]) -> None:
-        """Every variant's output for ``doc``; an output whose text is the input's reuses the
-        input's encoding (``source``), which is most documents of most variants."""
+        """Every variant's output for ``doc``. Outputs built from the input's own tokens are
+        not encoded again (``source`` is the input's encoding): an unchanged text reuses it,
+        and reflections are spliced between the input's segment tokens (:func:`_splice`)."""
         eod = self.tokenizer.eod
+        source_ids = source.ids if source is not None else None
         for variant in self.variants:
             writer = writers[variant.name]
             outs = [o for o in variant.intervention(doc) if o.text.strip()]
             writer.counts["documents_without_output"] += 0 if outs else 1
-            changed = [o.text for o in outs if source is None or o.text != doc.text]
+            tokenized: list[Optional[tuple[list[int], Callable]]] = []
+            for out in outs:
+                if source is not None and out.text == doc.text:
+                    tokenized.append((source_ids, partial(_token_span, source)))
+                else:
+                    tokenized.append(_splice(doc, source_ids, out, self._special_ids))
+            changed = [o.text for o, t in zip(outs, tokenized) if t is None]
             fresh = iter(self.tokenizer.encode_batch(changed) if changed else [])
-            encodings = [next(fresh) if source is None or o.text != doc.text else source
-                         for o in outs]
             placed: dict[int, tuple[int, Optional[list[int]]]] = {}
-            for out, encoding in zip(outs, encodings):
-                number = writer.add(encoding.ids, eod)
+            for out, done in zip(outs, tokenized):
+                if done is None:
+                    encoding = next(fresh)
+                    done = (encoding.ids, partial(_token_span, encoding))
+                ids, token_span = done
+                number = writer.add(ids, eod)
                 for index, span in _segment_spans(out, len(doc.segments)):
-                    tokens = None if span is None else _token_span(encoding, *span)
-                    placed.setdefault(index, (number, tokens))
+                    placed.setdefault(index, (number, None if span is None else token_span(*span)))
             if writer.labels is not None:
                 writer.labels.write(_sidecar_lines(doc, placed))
                 writer.counts["segments_placed"] += len(placed)
+
+    def _special_ids(self, text: str) -> list[int]:
+        """Ids of a reflection string (memoised: there are only a few distinct ones)."""
+        cache = self.__dict__.setdefault("_reflection_ids", {})
+        if text not in cache:
+            cache[text] = self.tokenizer.tokenize(text)
+        return cache[text]
+
+
+def _splice(doc: ClassifiedDocument, source_ids: Optional[list[int]], out: Document,
+            special_ids: Callable[[str], list[int]]
+            ) -> Optional[tuple[list[int], Callable]]:
+    """Ids for an output that is the input text with reflections inserted at segment ends
+    (``meta["reflection_spans"]``): the input's own tokens, cut at segment boundaries, with
+    each reflection's ids in between. The segments are cut on token boundaries, so the text
+    part is token for token the ``raw`` variant's. Returns None (encode the text instead) for
+    any other output."""
+    spans = out.meta.get("reflection_spans")
+    if source_ids is None or spans is None:
+        return None
+    token_at = {0: 0}
+    for seg, start in zip(doc.segments, _cumulative(doc)):
+        token_at[seg.end] = start + seg.num_tokens
+    if token_at.get(len(doc.text)) != len(source_ids):
+        return None
+    text, ids, boundaries = out.text, [], {}
+    out_pos = src_pos = 0
+    for a, b in [*spans, [len(text), len(text)]]:
+        src_end = src_pos + (a - out_pos)
+        if src_end not in token_at or text[out_pos:a] != doc.text[src_pos:src_end]:
+            return None
+        boundaries[out_pos] = len(ids)
+        ids += source_ids[token_at[src_pos]:token_at[src_end]]
+        boundaries[a] = len(ids)
+        ids += special_ids(text[a:b]) if b > a else []
+        out_pos, src_pos = b, src_end
+    if src_pos != len(doc.text):
+        return None
+
+    def token_span(start: int, end: int) -> Optional[list[int]]:
+        first, last = boundaries.get(start), boundaries.get(end)
+        return None if first is None or last is None or last <= first else [first, last]
+
+    return ids, token_span
+
+
+def _cumulative(doc: ClassifiedDocument) -> Iterator[int]:
+    """The first token of each segment in the input's tokenization."""
+    total = 0
+    for seg in doc.segments:
+        yield total
+        total += seg.num_tokens
 
 
 def _segment_spans(out: Document, n: int) -> Iterator[tuple[int, Optional[list[int]]]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -171,10 +172,9 @@ class HashedNgramFeaturizer:
 
     def _hashes(self, text: str) -> list[int]:
         """All feature hashes of ``text``, in no particular order (they are counted)."""
-        words = [self._word(w) for w in _TOKEN_RE.findall(text[: self.max_chars].lower())]
-        out: list[int] = []
-        for hashes, _, _ in words:
-            out += hashes
+        get = self.__dict__.setdefault("_cache", {}).get
+        words = [get(w) or self._word(w) for w in _TOKEN_RE.findall(text[: self.max_chars].lower())]
+        out = list(chain.from_iterable(hashes for hashes, _, _ in words))
         if self.word_ngrams >= 2:
             crc = zlib.crc32  # crc32(b"b" + a + b" " + b) == crc32(b, crc32(b"b" + a + b" "))
             out += [crc(b[1], a[2]) for a, b in zip(words, words[1:])]
