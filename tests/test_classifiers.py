@@ -176,3 +176,52 @@ def test_retraining_reproduces_the_asset(shared_data, split, embedded, tmp_path)
     np.testing.assert_allclose(retrained.logits(texts), embedded.logits(texts), atol=2e-3)
     assert [lab.safe for lab in retrained.classify(texts)] == \
         [lab.safe for lab in embedded.classify(texts)]
+
+
+# ----------------------------------------------------------------------------- token-id features
+
+def test_features_are_per_row_and_case_folded(embedded):
+    from megatron_srp.reflection.features import canonical_token_table
+
+    feat = embedded.featurizer
+    tok = feat.tokenizer
+    vocab = tok._tokenizer.get_vocab()
+    table = canonical_token_table(tok)
+    assert table[vocab["Ġthe"]] == table[vocab["the"]] == table[vocab["ĠThe"]]
+    assert table[vocab["Ġthe"]] != table[vocab["Ġa"]]
+
+    a, b = (np.asarray(e.ids) for e in tok.encode_batch(SHAKESPEARE[:2]))
+    together = feat.transform_ids([a, b])
+    for i, row in enumerate((a, b)):  # no n-gram spans two rows
+        alone = feat.transform_ids([row])
+        lo, hi = together[0][i], together[0][i + 1]
+        np.testing.assert_array_equal(together[1][lo:hi], alone[1])
+        np.testing.assert_allclose(together[2][lo:hi], alone[2], rtol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(alone[2]), 1.0, rtol=1e-5)
+    empty = feat.transform_ids([np.zeros(0, np.int64), a])
+    assert empty[0][1] == 0 and empty[0][2] > 0
+    with pytest.raises(ValueError, match="outside the classifier's vocabulary"):
+        feat.transform_ids([np.array([len(table)])])
+
+
+def test_token_id_input_matches_text_input(embedded, split):
+    texts = [ex.text for ex in split[1][:200]]
+    ids = [np.asarray(e.ids) for e in embedded.featurizer.tokenizer.encode_batch(texts)]
+    np.testing.assert_allclose(embedded.token_id_logits(ids), embedded.logits(texts), atol=1e-5)
+    assert embedded.classify_token_ids(ids) == embedded.classify(texts)
+
+
+def test_asset_must_match_its_tokenizer(tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(ASSET_DIR, tmp_path / "clf")
+    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    config["tokenizer_fingerprint"] = "0" * 16
+    (tmp_path / "clf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tokenizer fingerprint .* is not the 0000"):
+        EmbeddedClassifier(tmp_path / "clf")
+    config["format_version"] = 1
+    (tmp_path / "clf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version 1 is not 2; retrain"):
+        EmbeddedClassifier(tmp_path / "clf")

@@ -209,3 +209,16 @@ def test_stage_pickles_and_runs_in_spawn_worker(wiki_docs, tok):
         segments, remote_description = pool.apply(_run_stage, (blob, doc))
     assert segments == local.meta["segments"]
     assert remote_description == description
+
+
+@pytest.mark.skipif(not _have_blingfire(), reason="blingfire is not installed")
+def test_blingfire_spans_match_the_wrapper(wiki_docs, shakespeare):
+    """Our ctypes call (numpy offset mapping, reused buffers) gives blingfire's own spans, also
+    for a short text after a long one and for multi-byte characters."""
+    import blingfire
+
+    splitter = get_splitter("blingfire")
+    texts = [shakespeare[:200_000], "Short one. Two!", *wiki_docs,
+             "Café au lait — naïve façade. Ça va? Ünïcödé ends here.", "Done."]
+    for text in texts:
+        assert splitter.sentence_spans(text) == blingfire.text_to_sentences_and_offsets(text)[1]

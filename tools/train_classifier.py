@@ -2,6 +2,11 @@
 
     python tools/train_classifier.py                       # rewrites megatron_srp/assets/classifier
     python tools/train_classifier.py --out-dir /tmp/clf --report /tmp/clf_report.json
+    python tools/train_classifier.py --tokenizer DIR --out-dir /tmp/clf   # for datasets built
+                                                                          # with tokenizer DIR
+
+The classifier's features are token ids, so it reads segments fastest when it shares the
+dataset's tokenizer (preprocessing then hands it the ids it already has).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 from pathlib import Path
 
 from megatron_srp.reflection.classifiers import ASSET_DIR
+from megatron_srp.reflection.features import TokenNgramFeaturizer
 from megatron_srp.reflection.train_classifier import DEFAULT_SEED, train_and_write
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,14 +28,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
                         help="labelled data (shared/data layout) (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=ASSET_DIR,
-                        help="where config.json and weights.npz go (default: %(default)s)")
+                        help="where config.json, weights.npz and tokenizer/ go (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="data sampling and split seed (default: %(default)s)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer directory the features use (default: the shipped one)")
     parser.add_argument("--report", type=Path, default=None,
                         help="also write the full held-out report as JSON here")
     args = parser.parse_args(argv)
 
-    report = train_and_write(args.data_dir, args.out_dir, seed=args.seed)
+    options = {}
+    if args.tokenizer is not None:
+        from megatron_srp.data.tokenizer import SRPTokenizer
+        options["featurizer"] = TokenNgramFeaturizer(SRPTokenizer.from_dir(args.tokenizer))
+    report = train_and_write(args.data_dir, args.out_dir, seed=args.seed, **options)
     m = report["held_out_metrics"]
     print(f"train {report['train']['n']} / held-out {report['held_out']['n']} examples, "
           f"trained in {report['train_seconds']} s")

@@ -5,7 +5,7 @@ Two are built in:
 * ``oracle`` (:class:`OracleClassifier`): the labels are already in the input records (labelled
   corpora such as ToxiGen or Do-Not-Answer); it only validates and converts them.
 * ``embedded`` (:class:`EmbeddedClassifier`): the offline default. A small model shipped in the
-  package at ``megatron_srp/assets/classifier/`` (hashed word and character n-grams, a logistic
+  package at ``megatron_srp/assets/classifier/`` (hashed n-grams of token ids, a logistic
   unsafe head and a softmax category head, about 1 MB) that runs in numpy on the CPU and never
   touches the network. It is trained by :mod:`megatron_srp.reflection.train_classifier`
   (``tools/train_classifier.py``); see ``docs/classifiers.md`` for how and how well.
@@ -24,21 +24,20 @@ name with :func:`build_classifier`.
 from __future__ import annotations
 
 import json
-import re
-import zlib
-from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from megatron_srp.reflection.features import TokenNgramFeaturizer, sparse_matmul
 from megatron_srp.reflection.types import SafetyLabel
 from megatron_srp.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "classifier"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.npz"
-FORMAT_VERSION = 1
+TOKENIZER_SUBDIR = "tokenizer"
+FORMAT_VERSION = 2
 
 _SAFE_STRINGS = {"safe", "0", "false"}
 _UNSAFE_STRINGS = {"unsafe", "1", "true"}
@@ -118,104 +117,6 @@ class OracleClassifier:
                 "category_key": self.category_key, "taxonomy": self.taxonomy.name}
 
 
-# ----------------------------------------------------------------------------- features
-
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
-_WORD_CACHE_SIZE = 50_000  # distinct words memoised per featurizer (about 35 MB at most)
-
-
-class HashedNgramFeaturizer:
-    """Text -> sparse L2-normalised term-frequency vector of hashed n-grams.
-
-    Features: lower-cased word uni- and bigrams, and byte n-grams (``char_min``..``char_max``)
-    of each word padded with spaces (fastText style). Hashing is CRC32 into ``dim`` buckets,
-    so it is the same in every process (unlike Python's ``hash``).
-    """
-
-    def __init__(self, dim: int = 1 << 16, word_ngrams: int = 2, char_min: int = 3,
-                 char_max: int = 5, max_chars: int = 4000) -> None:
-        if dim & (dim - 1):
-            raise ValueError(f"dim must be a power of two, got {dim}")
-        self.dim = dim
-        self.word_ngrams = word_ngrams
-        self.char_min = char_min
-        self.char_max = char_max
-        self.max_chars = max_chars
-
-    def config(self) -> dict[str, Any]:
-        return {"dim": self.dim, "word_ngrams": self.word_ngrams, "char_min": self.char_min,
-                "char_max": self.char_max, "max_chars": self.max_chars}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.config()  # not the word cache
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
-
-    def _word(self, word: str) -> tuple[list[int], bytes, int]:
-        """The word's unigram and character n-gram hashes, its UTF-8 bytes, and the CRC state
-        after ``b"b" + word + b" "`` (a bigram's hash continues from it). Memoised: words
-        repeat (Zipf), and hashing is most of the classifier's time."""
-        cache = self.__dict__.setdefault("_cache", {})
-        entry = cache.get(word)
-        if entry is None:
-            crc = zlib.crc32
-            raw = word.encode()
-            bw = b" " + raw + b" "
-            hashes = [crc(b"w" + raw)]
-            for n in range(self.char_min, self.char_max + 1):
-                hashes += [crc(bw[i:i + n]) for i in range(len(bw) - n + 1)]
-            if len(cache) >= _WORD_CACHE_SIZE:
-                cache.clear()
-            entry = cache[word] = (hashes, raw, crc(b"b" + raw + b" "))
-        return entry
-
-    def _hashes(self, text: str) -> list[int]:
-        """All feature hashes of ``text``, in no particular order (they are counted)."""
-        get = self.__dict__.setdefault("_cache", {}).get
-        words = [get(w) or self._word(w) for w in _TOKEN_RE.findall(text[: self.max_chars].lower())]
-        out = list(chain.from_iterable(hashes for hashes, _, _ in words))
-        if self.word_ngrams >= 2:
-            crc = zlib.crc32  # crc32(b"b" + a + b" " + b) == crc32(b, crc32(b"b" + a + b" "))
-            out += [crc(b[1], a[2]) for a, b in zip(words, words[1:])]
-        return out
-
-    def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR pieces ``(indptr, indices, values)`` for ``len(texts)`` rows of ``dim`` columns:
-        per row, the distinct buckets (sorted) and their L2-normalised counts."""
-        hashes: list[int] = []
-        lengths = []
-        for text in texts:
-            row = self._hashes(text)
-            hashes += row
-            lengths.append(len(row))
-        rows = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
-        keys = rows * self.dim + (np.asarray(hashes, dtype=np.int64) & (self.dim - 1))
-        unique, counts = np.unique(keys, return_counts=True)
-        row_of = unique // self.dim
-        indptr = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row_of, minlength=len(texts)), out=indptr[1:])
-        values = counts.astype(np.float32)
-        squares = np.zeros(len(texts), dtype=np.float32)
-        np.add.at(squares, row_of, values * values)
-        norms = np.sqrt(squares)
-        values /= np.where(norms > 0, norms, 1)[row_of]
-        return indptr, unique % self.dim, values
-
-
-def sparse_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                  weights: np.ndarray) -> np.ndarray:
-    """``X @ weights`` for a CSR ``X``; empty rows give zeros."""
-    n = len(indptr) - 1
-    out = np.zeros((n, weights.shape[1]), dtype=np.float64)
-    if len(indices) == 0:
-        return out
-    contrib = values[:, None].astype(np.float64) * weights[indices]
-    nonempty = indptr[1:] > indptr[:-1]
-    out[nonempty] = np.add.reduceat(contrib, indptr[:-1][nonempty], axis=0)
-    return out
-
-
 # ----------------------------------------------------------------------------- embedded model
 
 class EmbeddedClassifier:
@@ -223,12 +124,19 @@ class EmbeddedClassifier:
 
     ``score`` is P(unsafe) from the logistic head; ``score >= threshold`` means unsafe, and then
     the category head picks one of the taxonomy codes it was trained on (None for safe).
+
+    Its features are n-grams of token ids (:mod:`megatron_srp.reflection.features`), so the
+    asset carries the tokenizer it was trained with (``tokenizer/``). Callers that already hold
+    ids from that tokenizer (``tokenizer_fingerprint`` tells) call :meth:`classify_token_ids`
+    and skip tokenising again; preprocessing does.
     """
 
     name = "embedded"
 
     def __init__(self, asset_dir: str | Path | None = None, threshold: float = 0.5,
-                 batch_size: int = 64, taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> None:
+                 batch_size: int = 256, taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> None:
+        from megatron_srp.data.tokenizer import SRPTokenizer
+
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.asset_dir = Path(asset_dir) if asset_dir is not None else ASSET_DIR
@@ -244,11 +152,18 @@ class EmbeddedClassifier:
         self.config = json.loads(config_path.read_text(encoding="utf-8"))
         if self.config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {self.config.get('format_version')}"
-                             f" is not {FORMAT_VERSION}")
+                             f" is not {FORMAT_VERSION}; retrain with tools/train_classifier.py")
         self.categories: tuple[str, ...] = tuple(self.config["categories"])
         for code in self.categories:
             taxonomy.validate(code)
-        self.featurizer = HashedNgramFeaturizer(**self.config["features"])
+        tokenizer = SRPTokenizer.from_dir(self.asset_dir / TOKENIZER_SUBDIR)
+        expected = self.config.get("tokenizer_fingerprint")
+        if tokenizer.fingerprint != expected:
+            raise ValueError(f"{self.asset_dir / TOKENIZER_SUBDIR}: tokenizer fingerprint "
+                             f"{tokenizer.fingerprint} is not the {expected} the weights were "
+                             "trained with")
+        self.tokenizer_fingerprint = tokenizer.fingerprint
+        self.featurizer = TokenNgramFeaturizer(tokenizer, **self.config["features"])
         with np.load(self.asset_dir / WEIGHTS_FILE) as data:
             # column 0: unsafe logit; columns 1..K: category logits
             self.weights = np.concatenate(
@@ -260,10 +175,15 @@ class EmbeddedClassifier:
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """Raw ``(n, 1 + K)`` logits: column 0 unsafe, then one per category."""
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            csr = self.featurizer.transform(texts[start:start + self.batch_size])
-            out.append(sparse_matmul(*csr, self.weights) + self.bias)
+        return self._logits(texts, self.featurizer.transform)
+
+    def token_id_logits(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """:meth:`logits` for texts already encoded with the classifier's tokenizer."""
+        return self._logits(rows, self.featurizer.transform_ids)
+
+    def _logits(self, items: Sequence, transform: Callable) -> np.ndarray:
+        out = [sparse_matmul(*transform(items[start:start + self.batch_size]), self.weights)
+               + self.bias for start in range(0, len(items), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, 1 + len(self.categories)))
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
@@ -273,7 +193,14 @@ class EmbeddedClassifier:
     def classify(self, texts: Sequence[str]) -> list[SafetyLabel]:
         if isinstance(texts, str):
             raise TypeError("classify takes a sequence of texts, not one string")
-        logits = self.logits(list(texts))
+        return self._labels(self.logits(list(texts)))
+
+    def classify_token_ids(self, rows: Sequence[np.ndarray]) -> list[SafetyLabel]:
+        """:meth:`classify` for segments given as token ids of ``tokenizer_fingerprint``'s
+        tokenizer (for a segment cut from a longer text: its slice of the text's ids)."""
+        return self._labels(self.token_id_logits(rows))
+
+    def _labels(self, logits: np.ndarray) -> list[SafetyLabel]:
         scores = 1.0 / (1.0 + np.exp(-logits[:, 0]))
         best = np.argmax(logits[:, 1:], axis=1)
         labels = []
@@ -288,6 +215,7 @@ class EmbeddedClassifier:
         return {"name": self.name, "asset_dir": str(self.asset_dir),
                 "threshold": self.threshold, "batch_size": self.batch_size,
                 "categories": list(self.categories), "features": self.featurizer.config(),
+                "tokenizer_fingerprint": self.tokenizer_fingerprint,
                 "trained": self.config.get("trained", {})}
 
 

@@ -129,17 +129,18 @@ class BlingfireSplitter:
     def sentence_spans(self, text: str) -> list[tuple[int, int]]:
         """``blingfire.text_to_sentences_and_offsets(text)[1]``, with the UTF-8 byte -> character
         offset mapping done in numpy (the wrapper loops over every byte in Python, which was
-        the slowest part of segmentation)."""
-        from ctypes import byref, c_char_p, c_int, c_int32, create_string_buffer
+        the slowest part of segmentation) and the output buffers kept between calls."""
+        from ctypes import byref, c_char_p, c_int
 
         data = text.encode("utf-8")
         size = len(data) * 2
-        out = create_string_buffer(size)
-        starts, ends = (c_int32 * size)(), (c_int32 * size)()
+        out, starts, ends = self._buffers(size)
         n = self._blingfire.blingfire.TextToSentencesWithOffsets(
             c_char_p(data), c_int(len(data)), byref(out), byref(starts), byref(ends), c_int(size))
         if n == -1 or n > size:
             return []
+        if n < len(out):
+            out[n] = b"\0"  # the buffer is reused: never read a longer earlier output
         count = out.value.count(b"\n") + 1
         lead = np.frombuffer(data, dtype=np.uint8) & 0xC0 != 0x80
         char_at = np.concatenate(([0], np.cumsum(lead)))  # char index of each byte offset
@@ -148,6 +149,18 @@ class BlingfireSplitter:
         if b.min(initial=0) < 0 or e.max(initial=0) > len(data):
             return []
         return list(zip(char_at[b].tolist(), char_at[e].tolist()))
+
+    def _buffers(self, size: int) -> tuple[Any, Any, Any]:
+        """Output text, start and end buffers of at least ``size`` entries, grown by doubling
+        (allocating and zeroing fresh ones per document cost as much as the split)."""
+        from ctypes import c_int32, create_string_buffer
+
+        held = getattr(self, "_held", None)
+        if held is None or held[0] < size:
+            capacity = max(size, 2 * held[0] if held else 1 << 16)
+            held = self._held = (capacity, create_string_buffer(capacity),
+                                 (c_int32 * capacity)(), (c_int32 * capacity)())
+        return held[1:]
 
     def sentence_ends(self, text: str) -> list[int]:
         if not text.strip():
@@ -183,7 +196,30 @@ def _token_offsets(text: str, tokenizer: Any) -> list[tuple[int, int]]:
     return hf.encode(text, add_special_tokens=False).offsets
 
 
-def _to_cuts(positions: Sequence[int], starts: list[int], valid: list[bool]) -> list[int]:
+class _Starts(Sequence):
+    """``starts[i]``: the first character of token ``i`` (a view, for bisect; building the
+    whole list for every document cost more than the few lookups a document needs)."""
+
+    def __init__(self, offsets: Sequence[tuple[int, int]]) -> None:
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.offsets[i][0]
+
+
+class _Clean(_Starts):
+    """``clean[i]``: a cut before token ``i`` is clean, i.e. token ``i`` starts where the tokens
+    before it end (byte-level pieces of one multi-byte character share its span)."""
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return i > 0 and self.offsets[i][0] >= self.offsets[i - 1][1]
+
+
+def _to_cuts(positions: Sequence[int], starts: Sequence[int], valid: Sequence[bool]
+             ) -> list[int]:
     """Token indices of the boundaries at or just after the given character positions."""
     n = len(starts)
     cuts = set()
@@ -235,10 +271,8 @@ def segment_text(
     if n <= config.max_tokens:
         return [Segment(index=0, start=0, end=len(text), text=text, num_tokens=n)]
 
-    starts = [s for s, _ in offsets]
-    # A cut before token i is clean when token i starts where the tokens before it end; byte-level
-    # pieces of one multi-byte character share its span and cannot be separated.
-    valid = [False] + [offsets[i][0] >= offsets[i - 1][1] for i in range(1, n)]
+    starts = _Starts(offsets)
+    valid = _Clean(offsets)
     splitter = splitter or get_splitter(config.splitter)
     sentence_like = set(splitter.sentence_ends(text))
     sentence_like.update(m.end() for m in _BLANK_LINE_END.finditer(text))

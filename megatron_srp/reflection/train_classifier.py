@@ -37,9 +37,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from megatron_srp.reflection.classifiers import (
-    ASSET_DIR, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, EmbeddedClassifier,
-    HashedNgramFeaturizer,
+    ASSET_DIR, CONFIG_FILE, FORMAT_VERSION, TOKENIZER_SUBDIR, WEIGHTS_FILE, EmbeddedClassifier,
 )
+from megatron_srp.reflection.features import TokenNgramFeaturizer
 from megatron_srp.taxonomy import DEFAULT_TAXONOMY
 
 DEFAULT_SEED = 1234
@@ -221,7 +221,7 @@ def fit_linear(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, dim:
     n = len(indptr) - 1
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        # Rows come from HashedNgramFeaturizer: sorted, unique column indices per row.
+        # Rows come from TokenNgramFeaturizer: sorted, unique column indices per row.
         x = torch.sparse_csr_tensor(torch.as_tensor(indptr), torch.as_tensor(indices),
                                     torch.as_tensor(values, dtype=torch.float32), (n, dim))
     w = torch.zeros(dim, n_outputs, dtype=torch.float32, requires_grad=True)
@@ -257,14 +257,22 @@ def _balanced_weights(labels: Sequence) -> np.ndarray:
     return np.array([len(labels) / (len(counts) * counts[l]) for l in labels], dtype=np.float64)
 
 
-def train(examples: Sequence[Example], featurizer: Optional[HashedNgramFeaturizer] = None,
+def default_featurizer() -> TokenNgramFeaturizer:
+    """Features over the package's shipped tokenizer, the one datasets are built with by
+    default (so preprocessing can hand the classifier its ids)."""
+    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+
+    return TokenNgramFeaturizer(SRPTokenizer.from_dir(default_tokenizer_dir()))
+
+
+def train(examples: Sequence[Example], featurizer: Optional[TokenNgramFeaturizer] = None,
           l2_unsafe: float = TRAIN_DEFAULTS["l2_unsafe"],
           l2_category: float = TRAIN_DEFAULTS["l2_category"],
           max_iter: int = TRAIN_DEFAULTS["max_iter"]) -> dict[str, Any]:
     """Fit both heads; returns the arrays and config that :func:`write_asset` stores."""
     import torch
 
-    featurizer = featurizer or HashedNgramFeaturizer()
+    featurizer = featurizer or default_featurizer()
     torch.manual_seed(0)
     with _torch_threads(1):  # one thread: the same float reductions on every machine
         texts = [ex.text for ex in examples]
@@ -282,6 +290,7 @@ def train(examples: Sequence[Example], featurizer: Optional[HashedNgramFeaturize
                                   _balanced_weights(list(targets)), l2_category, max_iter)
     return {"unsafe_w": unsafe_w[:, 0], "unsafe_b": unsafe_b, "category_w": cat_w,
             "category_b": cat_b, "categories": categories, "features": featurizer.config(),
+            "tokenizer": featurizer.tokenizer,
             "hyperparameters": {"l2_unsafe": l2_unsafe, "l2_category": l2_category,
                                 "max_iter": max_iter}}
 
@@ -302,11 +311,15 @@ class _torch_threads:
 
 def write_asset(model: dict[str, Any], out_dir: str | Path,
                 trained: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``config.json`` and ``weights.npz`` (float16 weights) into ``out_dir``."""
+    """Write ``config.json``, ``weights.npz`` (float16 weights) and a copy of the tokenizer
+    (``tokenizer/``) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"format_version": FORMAT_VERSION, "kind": "hashed-ngram-logistic",
+    tokenizer = model["tokenizer"]
+    tokenizer.save(out_dir / TOKENIZER_SUBDIR)
+    config = {"format_version": FORMAT_VERSION, "kind": "token-ngram-logistic",
               "categories": list(model["categories"]), "features": model["features"],
+              "tokenizer_fingerprint": tokenizer.fingerprint,
               "hyperparameters": model["hyperparameters"], "trained": trained or {}}
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
                                        encoding="utf-8")
