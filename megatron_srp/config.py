@@ -87,14 +87,38 @@ class TrainConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One curriculum phase: the ``blend`` ({dataset prefix: weight}) used for the training
+    samples up to ``until`` (a fraction of the train token budget; the last phase ends at 1.0)."""
+
+    until: float = 1.0
+    blend: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
-    """Megatron indexed datasets (``<prefix>.bin/.idx``) and how to mix and split them."""
+    """Megatron indexed datasets (``<prefix>.bin/.idx``) and how to mix and split them.
+
+    Either one blend for the whole run (``paths`` + ``weights``) or a ``curriculum`` of phases
+    whose blends switch at chosen fractions of the token budget (docs/curriculum.md).
+    """
 
     paths: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None
+    curriculum: list[PhaseConfig] = field(default_factory=list)
+    # {prefix: fraction of the train budget}: that dataset contributes exactly this many
+    # tokens over the run, wherever the curriculum places it (fair curriculum comparisons).
+    match_tokens: dict[str, float] = field(default_factory=dict)
+    blend_window: int = 1000  # samples over which the drawn blend is reported
     split: str = "95,5,0"
     tokenizer: Optional[str] = None  # default: the tokenizer saved beside the first dataset
     cache_dir: Optional[str] = None  # Megatron's sample-index cache; default <save>/data_cache
+
+    def prefixes(self) -> list[str]:
+        """Every dataset the run reads, in order of first appearance."""
+        if not self.curriculum:
+            return list(self.paths)
+        return list(dict.fromkeys(p for phase in self.curriculum for p in phase.blend))
 
 
 @dataclass
@@ -155,6 +179,10 @@ def load_config(path: str | os.PathLike | None = None,
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         raise ConfigError(_key_of(exc), msg) from exc
+    except TypeError as exc:  # e.g. "a.0.b=..." into a list: omegaconf cannot merge it
+        raise ConfigError("overrides", f"{exc} in {list(overrides or [])}; a list is set "
+                          "whole, e.g. data.curriculum=[{until: 1.0, blend: {prefix: 1.0}}]"
+                          ) from exc
     assert isinstance(cfg, ExperimentConfig)
     return cfg
 

@@ -151,23 +151,52 @@ def validate(cfg: ExperimentConfig, world_size: int, platform: Platform,
 
 
 def _check_data(cfg: ExperimentConfig, check_files: bool) -> None:
+    from megatron_srp.data.curriculum_plan import plan_phases
+
     d = cfg.data
-    _require(len(d.paths) > 0, "data.paths", "no dataset given (a list of <prefix> of .bin/.idx)")
-    if d.weights is not None:
+    if d.weights is not None and not d.curriculum:
         _require(len(d.weights) == len(d.paths), "data.weights",
                  f"{len(d.weights)} weights for {len(d.paths)} paths")
-        _require(all(w >= 0 for w in d.weights), "data.weights",
-                 f"weights must be non-negative, got {d.weights}")
-        _require(sum(d.weights) > 0, "data.weights", f"weights sum to zero: {d.weights}")
+    plan_phases(d, cfg.train.train_iters * cfg.train.global_batch_size)
+    _require(d.blend_window >= 1, "data.blend_window", "must be >= 1")
     parts = d.split.split(",")
     ok = len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts)
     _require(ok, "data.split", f"{d.split!r} is not three comma-separated numbers like '95,5,0'")
     _require(sum(float(x) for x in parts) > 0, "data.split", "the split sums to zero")
     if check_files:
-        for i, prefix in enumerate(d.paths):
-            for ext in (".bin", ".idx"):
-                _require(Path(prefix + ext).is_file(), f"data.paths[{i}]",
-                         f"{prefix + ext} does not exist (run tools/preprocess_srp.py first)")
+        _check_dataset_files(cfg)
+
+
+def _check_dataset_files(cfg: ExperimentConfig) -> None:
+    """Every dataset exists, and all were built with one tokenizer (their meta.json) and, where
+    a dataset records one, for the run's sequence length."""
+    from megatron_srp.data.outputs import read_dataset_meta
+
+    d = cfg.data
+    fingerprints: dict[str, str] = {}
+    for i, prefix in enumerate(d.prefixes()):
+        key = f"data.paths[{i}]" if not d.curriculum else f"data.curriculum (dataset {prefix})"
+        for ext in (".bin", ".idx"):
+            _require(Path(prefix + ext).is_file(), key,
+                     f"{prefix + ext} does not exist (run tools/preprocess_srp.py first)")
+        try:
+            meta = read_dataset_meta(prefix)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(key, str(exc)) from exc
+        fingerprint = (meta.get("tokenizer") or {}).get("fingerprint")
+        if fingerprint is not None:
+            fingerprints[prefix] = fingerprint
+        seq = meta.get("seq_length")
+        _require(seq is None or seq == cfg.train.seq_length, key,
+                 f"{prefix} was built for sequence length {seq}, the run uses "
+                 f"train.seq_length={cfg.train.seq_length}")
+    if len(set(fingerprints.values())) > 1:
+        first = next(iter(fingerprints.items()))
+        other = next((p, f) for p, f in fingerprints.items() if f != first[1])
+        raise ConfigError("data.curriculum" if d.curriculum else "data.paths",
+                          f"datasets were built with different tokenizers: {first[0]} with "
+                          f"{first[1]}, {other[0]} with {other[1]} (meta.json); re-run "
+                          "preprocessing with one tokenizer")
 
 
 def _check_checkpoint(cfg: ExperimentConfig, check_files: bool) -> None:

@@ -1,5 +1,8 @@
 """Training and validation samples: Megatron's GPTDataset, read in a DP-independent order.
 
+The training set is a :class:`~megatron_srp.data.curriculum.CurriculumDataset` (a plain blend
+is its one-phase case), sized to the run.
+
 Global batch ``k`` is always samples ``[k * G, (k + 1) * G)`` of the (shuffled, blended)
 Megatron dataset, whatever the data-parallel size: each micro step takes the next
 ``micro_batch_size * dp`` samples and DP rank ``r`` keeps its ``r``-th slice. So a run resumed
@@ -9,21 +12,29 @@ the number of consumed samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_srp.config import ExperimentConfig
+from megatron_srp.data.curriculum import (
+    CurriculumDataset, build_phase_blends, dataset_token_counts,
+)
+from megatron_srp.data.curriculum_plan import plan_phases
 
 
-def dataset_config(cfg: ExperimentConfig, tokenizer, cache_dir: str | None) -> GPTDatasetConfig:
+def dataset_config(cfg: ExperimentConfig, tokenizer, cache_dir: str | None,
+                   blend: Optional[tuple[list[str], Optional[list[float]]]] = None
+                   ) -> GPTDatasetConfig:
     d = cfg.data
+    if blend is None:
+        blend = (list(d.paths), list(d.weights) if d.weights is not None else None)
     return GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.train.seq_length,
-        blend=(list(d.paths), list(d.weights) if d.weights is not None else None),
+        blend=blend,
         split=d.split,
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
@@ -36,15 +47,35 @@ def dataset_config(cfg: ExperimentConfig, tokenizer, cache_dir: str | None) -> G
 
 
 def build_datasets(cfg: ExperimentConfig, tokenizer, cache_dir: str | None):
-    """(train, valid) datasets sized for the whole run, built by Megatron's blended builder."""
-    t = cfg.train
-    train_samples = t.train_iters * t.global_batch_size
+    """(train, valid): the train set is a :class:`CurriculumDataset` (one phase for a plain
+    blend) of exactly ``train_iters x global_batch_size`` samples; validation reads the last
+    phase's blend, built by Megatron's blended builder."""
+    t, d = cfg.train, cfg.data
+    total = t.train_iters * t.global_batch_size
+    prefixes = d.prefixes()
+    default_weights = (dataset_token_counts(d.paths)
+                       if not d.curriculum and d.weights is None and len(d.paths) > 1 else None)
+    plans = plan_phases(d, total, default_weights)
+    needed = {p: sum(plan.counts.get(p, 0) for plan in plans) for p in prefixes}
+    sources = {}
+    for prefix in prefixes:
+        if needed[prefix]:
+            built = BlendedMegatronDatasetBuilder(
+                GPTDataset, [needed[prefix], 1, 0], lambda: True,
+                dataset_config(cfg, tokenizer, cache_dir, ([prefix], None))).build()
+            sources[prefix] = built[0]
+    config = dataset_config(cfg, tokenizer, cache_dir, (prefixes, None))
+    split = next(iter(sources.values())).index_split
+    train = CurriculumDataset(plans, build_phase_blends(plans, sources, split, config), prefixes)
+
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval > 0 else 0
-    valid_samples = evals * t.eval_iters * t.global_batch_size
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, max(valid_samples, 1), 0], lambda: True,
-        dataset_config(cfg, tokenizer, cache_dir))
-    train, valid, _ = builder.build()
+    valid_samples = max(evals * t.eval_iters * t.global_batch_size, 1)
+    last = plans[-1].counts
+    valid_blend = ((list(d.paths), list(d.weights) if d.weights is not None else None)
+                   if not d.curriculum else (list(last), [float(c) for c in last.values()]))
+    _, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [1, valid_samples, 0], lambda: True,
+        dataset_config(cfg, tokenizer, cache_dir, valid_blend)).build()
     return train, valid
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from megatron_srp.config import ExperimentConfig, config_hash, to_dict, to_yaml
+from megatron_srp.data.curriculum import BlendMonitor, phase_summary
 from megatron_srp.data.gpt_data import BatchPlan, build_datasets, microbatches
 from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.model.init import layout_invariant_init
@@ -42,17 +43,18 @@ def load_run_tokenizer(cfg: ExperimentConfig) -> SRPTokenizer:
     Every dataset must have been built with a tokenizer of the same fingerprint.
     """
     from megatron_srp.data.preprocess import read_dataset_meta
-    metas = [read_dataset_meta(p) for p in cfg.data.paths]
+    prefixes = cfg.data.prefixes()
+    metas = [read_dataset_meta(p) for p in prefixes]
     if cfg.data.tokenizer:
         tok_dir = cfg.data.tokenizer
     else:
-        beside = Path(cfg.data.paths[0] + ".tokenizer")
+        beside = Path(prefixes[0] + ".tokenizer")
         tok_dir = str(beside) if beside.is_dir() else str(default_tokenizer_dir())
     tokenizer = SRPTokenizer.from_dir(tok_dir)
-    for prefix, meta in zip(cfg.data.paths, metas):
+    for prefix, meta in zip(prefixes, metas):
         fp = meta.get("tokenizer", {}).get("fingerprint")
         if fp is not None and fp != tokenizer.fingerprint:
-            raise ValueError(f"data.paths: {prefix} was tokenized with tokenizer {fp}, but the run "
+            raise ValueError(f"data: {prefix} was tokenized with tokenizer {fp}, but the run "
                              f"uses {tokenizer.fingerprint} ({tok_dir}); re-run preprocessing")
     return tokenizer
 
@@ -122,6 +124,11 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
              f"PP={cfg.parallel.pipeline_model_parallel_size} DP={dp}, "
              f"{plan.num_microbatches} microbatches/step, starting at step {progress.iteration}")
 
+    monitor = BlendMonitor(train_ds, cfg.data.blend_window, progress.consumed_train_samples)
+    names = dict(zip(train_ds.prefixes, monitor.names))
+    log.info(f"data: {len(train_ds):,} training samples in {len(train_ds.plans)} phase(s)\n"
+             + phase_summary(train_ds.plans, names))
+
     run_facts = {"precision": precision,
                  "layer_backend": choose_backend(cfg.model.layer_spec, platform.has_cuda),
                  "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint}}
@@ -131,6 +138,8 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
     watch = Stopwatch()
     compat.reset_peak_memory()
     for step in range(progress.iteration, t.train_iters):
+        for message in monitor.advance(step * t.global_batch_size, t.global_batch_size):
+            log.info(message)
         iters = [TimedIterator(microbatches(train_ds, plan, step)) for _ in range(n_chunks)]
         watch.lap()
         stats = train_step(model, optimizer, scheduler, iters[0] if n_chunks == 1 else iters,
@@ -151,6 +160,7 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
             metrics.update(throughput(interval_tokens, interval_step_s))
             metrics["data_time_s"] = interval_data_s
             metrics["peak_mem_gb"] = compat.peak_memory_bytes() / 2**30
+            metrics.update(monitor.metrics())
             interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
         log.step(progress.iteration, metrics, console=at_interval)
 
