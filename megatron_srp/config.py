@@ -156,18 +156,31 @@ def _key_of(exc: OmegaConfBaseException) -> str:
     return str(full_key) if full_key else "?"
 
 
+def _file_layers(path: Path, seen: tuple[Path, ...]) -> list[Any]:
+    """The YAML at ``path``, preceded by the file its ``base:`` key names (relative to it), so
+    a recipe states only what differs from its base."""
+    if not path.is_file():
+        raise ConfigError("--config" if not seen else f"{seen[-1]}: base", f"no such file: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{seen[-1]}: base", f"{path} is its own base (a cycle)")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry line numbers; keep them
+        raise ConfigError("--config", f"cannot parse {path}: {exc}") from exc
+    base = layer.pop("base", None) if hasattr(layer, "pop") else None
+    if base is None:
+        return [layer]
+    return [*_file_layers(path.parent / str(base), (*seen, path.resolve())), layer]
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: list[str] | None = None) -> ExperimentConfig:
-    """Merge a YAML file and ``key=value`` overrides onto the defaults; types are checked."""
+    """Merge a YAML file (and the chain of ``base:`` files it names) and ``key=value``
+    overrides onto the defaults; types are checked."""
     schema = OmegaConf.structured(ExperimentConfig)
     layers = [schema]
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError("--config", f"no such file: {path}")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as exc:  # yaml errors carry line numbers; keep them
-            raise ConfigError("--config", f"cannot parse {path}: {exc}") from exc
+        layers += _file_layers(Path(path), ())
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(item, "an override must look like key=value")

@@ -173,12 +173,16 @@ def _check_dataset_files(cfg: ExperimentConfig) -> None:
     from megatron_srp.data.outputs import read_dataset_meta
 
     d = cfg.data
-    fingerprints: dict[str, str] = {}
-    for i, prefix in enumerate(d.prefixes()):
-        key = f"data.paths[{i}]" if not d.curriculum else f"data.curriculum (dataset {prefix})"
+    keys = {prefix: f"data.paths[{i}]" if not d.curriculum else f"data.curriculum (dataset {prefix})"
+            for i, prefix in enumerate(d.prefixes())}
+    for prefix, key in keys.items():
         for ext in (".bin", ".idx"):
             _require(Path(prefix + ext).is_file(), key,
                      f"{prefix + ext} does not exist (run tools/preprocess_srp.py first)")
+    fingerprints: dict[str, str] = {}
+    for prefix, key in keys.items():
+        if not Path(prefix + ".meta.json").is_file():
+            continue  # a foreign dataset: the trainer's tokenizer check reports it
         try:
             meta = read_dataset_meta(prefix)
         except (FileNotFoundError, ValueError) as exc:

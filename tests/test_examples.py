@@ -23,3 +23,49 @@ def test_example_config_is_valid(path):
 
 def test_examples_exist():
     assert len(EXAMPLES) >= 4
+
+
+CURRICULA = sorted(p for p in (EXAMPLES[0].parent / "curriculum").glob("*.yaml")
+                   if p.stem not in ("base",) and not p.stem.endswith("_common"))
+
+
+@pytest.mark.parametrize("path", CURRICULA, ids=[p.stem for p in CURRICULA])
+def test_curriculum_recipe_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.model.preset == "smollm2-135m" and cfg.data.curriculum  # from base.yaml + own
+    validate(cfg, 1, H100, check_files=False)
+
+
+@pytest.mark.parametrize("intervention_set", ["all_tags", "rewrite_refusal"])
+def test_switch_recipes_see_the_same_intervention_tokens(intervention_set):
+    """The 0/20/60% recipes of a set: the switch where the file name says, and the same
+    number of samples from every intervention dataset (match_tokens)."""
+    from megatron_srp.data.curriculum_plan import plan_phases
+
+    totals = []
+    for pct in (0, 20, 60):
+        cfg = load_config(EXAMPLES[0].parent / "curriculum" / f"{intervention_set}_{pct}.yaml")
+        n = cfg.train.train_iters * cfg.train.global_batch_size
+        plans = plan_phases(cfg.data, n)
+        assert plans[-1].start == round(pct / 100 * n)
+        assert set(plans[0].counts) == ({"data/corpus/filter"} if pct else set(
+            cfg.data.match_tokens) | {"data/corpus/filter"})
+        totals.append({p: sum(plan.counts.get(p, 0) for plan in plans)
+                       for p in cfg.data.match_tokens})
+    assert totals[0] == totals[1] == totals[2] and all(totals[0].values())
+
+
+def test_recipes_inherit_from_their_base(tmp_path):
+    from megatron_srp.config import ConfigError
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {lr: 0.5}\n")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\ntrain: {lr: 0.1, min_lr: 0.01}\n")
+    (tmp_path / "c.yaml").write_text("name: from-c\ntrain: {min_lr: 0.02, seed: 9}\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert (cfg.name, cfg.train.lr, cfg.train.min_lr, cfg.train.seed) == ("from-c", 0.5, 0.01, 9)
+    (tmp_path / "c.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="no such file: .*nowhere.yaml"):
+        load_config(tmp_path / "a.yaml")

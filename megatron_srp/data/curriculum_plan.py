@@ -88,18 +88,19 @@ def plan_phases(data: DataConfig, total_samples: int,
     bounds = [0]
     for k, phase in enumerate(phases):
         key = f"data.curriculum[{k}]" if data.curriculum else "data.weights"
+        blend_key = f"{key}.blend" if data.curriculum else key
         until = _fraction(phase.until)
         if not previous < until <= 1:
             raise ConfigError(f"{key}.until", f"{phase.until} must be above the previous phase's "
                               f"end ({float(previous)}) and at most 1.0")
         if not phase.blend:
-            raise ConfigError(f"{key}.blend", "the blend is empty")
+            raise ConfigError(blend_key, "the blend is empty")
         for prefix, weight in phase.blend.items():
             if not weight >= 0:  # also catches NaN
-                raise ConfigError(f"{key}.blend.{prefix}" if data.curriculum else key,
+                raise ConfigError(f"{blend_key}.{prefix}" if data.curriculum else key,
                                   f"weights must be non-negative, got {weight}")
         if not sum(phase.blend.values()) > 0:
-            raise ConfigError(f"{key}.blend", f"weights sum to zero: {dict(phase.blend)}")
+            raise ConfigError(blend_key, f"weights sum to zero: {dict(phase.blend)}")
         end = math.ceil(until * total_samples)
         if end <= bounds[-1]:
             raise ConfigError(f"{key}.until", f"phase {k} gets no samples with a budget of "
