@@ -1,0 +1,71 @@
+"""Curriculum dataset costs: index build time and memory at a pretraining budget (sizes only),
+and per-sample fetch time against a plain Megatron BlendedDataset on real data.
+
+    python tools/bench_curriculum.py                                   # 600B tokens at 2048
+    python tools/bench_curriculum.py --budget-tokens 2e9 --skip-fetch  # quick look
+    python tools/bench_curriculum.py --report /tmp/bench_curriculum.json
+
+See megatron_srp/data/bench_curriculum.py for what is measured, docs/benchmarks.md for results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from megatron_srp.data.bench_curriculum import fetch_overhead, index_at_scale, markdown
+from megatron_srp.data.bench_preprocess import machine_info
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-tokens", type=float, default=600e9,
+                        help="train token budget for the index build (default: %(default)g)")
+    parser.add_argument("--seq-length", type=int, default=2048, help="default: %(default)s")
+    parser.add_argument("--fetch-samples", type=int, default=20_000,
+                        help="random samples read per pass (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="fetch passes (default: %(default)s)")
+    parser.add_argument("--skip-index", action="store_true", help="only the fetch comparison")
+    parser.add_argument("--skip-fetch", action="store_true", help="only the index build")
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("SRP_SHARED_DATA", REPO.parent / "shared" / "data")),
+                        help="shared data for the fetch comparison (default: %(default)s)")
+    parser.add_argument("--work-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "srp_bench_curriculum",
+                        help="preprocessed corpora go here (default: %(default)s)")
+    parser.add_argument("--report", type=Path, help="write JSON here and Markdown beside it")
+    args = parser.parse_args(argv)
+
+    machine = machine_info(None)
+    index = fetch = None
+    if not args.skip_index:
+        print(f"building curriculum and baseline indices for {args.budget_tokens:.3g} tokens ...",
+              flush=True)
+        index = index_at_scale(args.budget_tokens, args.seq_length)
+    if not args.skip_fetch:
+        print(f"timing {args.fetch_samples:,} fetches x {args.repeats} passes ...", flush=True)
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        fetch = fetch_overhead(args.data_dir, args.work_dir, args.fetch_samples, args.repeats)
+    header = (f"{machine['cpu_model']}, {machine['cpu_count']} CPUs, {machine['memory_gb']} GB; "
+              f"Python {machine['python']}, torch {machine['torch']}, megatron-core "
+              f"{machine['megatron-core']}; commit {machine['git_commit']}"
+              f"{' with uncommitted changes' if machine['git_dirty'] else ''}; "
+              f"{machine['date_utc']}.")
+    text = markdown(index, fetch, header)
+    print(text)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps({"machine": machine, "index": index, "fetch": fetch},
+                                          indent=2) + "\n")
+        args.report.with_suffix(".md").write_text(text + "\n")
+        print(f"wrote {args.report} and {args.report.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
