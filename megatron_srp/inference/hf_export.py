@@ -1,0 +1,144 @@
+"""Megatron checkpoint (any TP/PP layout) -> a Hugging Face Llama directory.
+
+The output is what ``LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
+load: ``model.safetensors``, ``config.json``, ``generation_config.json`` and the tokenizer
+(special tokens, reflection markers included). So a model trained here can be evaluated with
+lm-eval, vLLM or HarmBench's own pipeline.
+
+The checkpoint is first loaded as TP=1, PP=1 (:func:`load_for_inference`; the checkpoint
+format reshards), then each Megatron tensor is renamed or split into Llama's layout:
+
+* ``linear_qkv`` holds, per query group, that group's query heads then its key head then its
+  value head; it is split into ``q_proj``, ``k_proj`` and ``v_proj``.
+* ``linear_fc1`` holds the SwiGLU gate then the up projection: ``gate_proj`` and ``up_proj``.
+* Both use rotate-half RoPE, so no permutation is needed. Padded vocabulary rows are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_srp.model.presets import ModelShape
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_FILE = "srp_export.json"
+
+
+def _first(state: dict[str, torch.Tensor], *names: str) -> torch.Tensor:
+    for name in names:
+        if name in state:
+            return state[name]
+    raise KeyError(f"none of {names} in the checkpoint's model state")
+
+
+def llama_state_dict(state: dict[str, Any], shape: ModelShape, vocab_size: int
+                     ) -> dict[str, torch.Tensor]:
+    """Megatron ``GPTModel`` state (TP=1, local or Transformer Engine layer names) -> Llama."""
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    h, d = shape.hidden_size, shape.kv_channels
+    groups, heads = shape.num_query_groups, shape.num_attention_heads
+    per_group = heads // groups
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    if not shape.tie_embeddings:
+        out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
+    for i in range(shape.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = state[src + "self_attention.linear_qkv.weight"].reshape(groups, per_group + 2, d, h)
+        out[dst + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(heads * d, h)
+        out[dst + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(groups * d, h)
+        out[dst + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(groups * d, h)
+        out[dst + "self_attn.o_proj.weight"] = state[src + "self_attention.linear_proj.weight"]
+        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[dst + "mlp.gate_proj.weight"] = gate
+        out[dst + "mlp.up_proj.weight"] = up
+        out[dst + "mlp.down_proj.weight"] = state[src + "mlp.linear_fc2.weight"]
+        out[dst + "input_layernorm.weight"] = _first(
+            state, src + "input_layernorm.weight",
+            src + "self_attention.linear_qkv.layer_norm_weight")
+        out[dst + "post_attention_layernorm.weight"] = _first(
+            state, src + "pre_mlp_layernorm.weight", src + "mlp.linear_fc1.layer_norm_weight")
+    return out
+
+
+def llama_config(shape: ModelShape, tokenizer: Any, max_positions: int, dtype: str
+                 ) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": tokenizer.vocab_size, "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.ffn_hidden_size, "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_query_groups, "head_dim": shape.kv_channels,
+        "hidden_act": "silu", "max_position_embeddings": max_positions,
+        "rms_norm_eps": shape.norm_epsilon, "rope_theta": shape.rotary_base,
+        "tie_word_embeddings": shape.tie_embeddings, "attention_bias": False,
+        "mlp_bias": False, "bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod,
+        "pad_token_id": tokenizer.pad, "torch_dtype": dtype,
+    }
+
+
+def _write_tokenizer(tokenizer: Any, out: Path, max_positions: int) -> None:
+    """``tokenizer.json`` plus the config files ``AutoTokenizer`` reads."""
+    tokenizer.save(out)  # tokenizer.json + srp_tokenizer.json
+    eod = tokenizer.detokenize([tokenizer.eod])
+    pad = tokenizer.detokenize([tokenizer.pad])
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_positions,
+        "bos_token": eod, "eos_token": eod, "pad_token": pad, "add_bos_token": False,
+        "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": [t for t in tokenizer.special_tokens if t not in (eod, pad)],
+    }, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": eod, "eos_token": eod, "pad_token": pad}, indent=2) + "\n")
+
+
+def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
+              dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+    """Write the Llama directory for ``checkpoint`` (a run directory or one ``iter_N``) at
+    ``out_dir``. It is assembled beside ``out_dir`` and renamed into place at the end, so a
+    directory that exists is always complete."""
+    from safetensors.torch import save_file
+
+    from megatron_srp.inference.sample import load_for_inference
+    from megatron_srp.training import checkpoint as ckpt
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    source = ckpt.resolve_checkpoint(checkpoint)
+    model, tokenizer, cfg = load_for_inference(source)
+    shape = cfg.model.shape()
+    tensors = llama_state_dict(model.state_dict(), shape, tokenizer.vocab_size)
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    max_positions = int(model.max_sequence_length)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(
+            llama_config(shape, tokenizer, max_positions, dtype), indent=2) + "\n")
+        (staging / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod,
+             "pad_token_id": tokenizer.pad}, indent=2) + "\n")
+        _write_tokenizer(tokenizer, staging, max_positions)
+        (staging / EXPORT_FILE).write_text(json.dumps(
+            {"checkpoint": str(source.resolve()), "preset": cfg.model.preset,
+             "tokenizer_fingerprint": tokenizer.fingerprint, "dtype": dtype,
+             "parameters": sum(t.numel() for t in tensors.values())}, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
