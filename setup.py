@@ -29,7 +29,9 @@ setup(
         "pyyaml",
         # Sentence splitter for SRP segmentation; x86-64 only (elsewhere use splitter=regex).
         "blingfire==0.1.8; platform_machine == 'x86_64'",
+        # Evaluation: plots, and the logistic-regression probes and their AUC.
         "matplotlib",
+        "scikit-learn",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
