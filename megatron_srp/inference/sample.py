@@ -71,9 +71,10 @@ def inference_config(run_config: dict) -> ExperimentConfig:
     """A run's saved config, laid out for one process: TP=1, PP=1, no virtual stages.
 
     Precision follows the device (fp32 on CPU; on a GPU bf16 unless the run was fp32; the
-    checkpoint's tensors are cast on load), the layer spec falls back to the local one when
-    Transformer Engine cannot be used here (the local spec saves and loads under TE's key
-    names), and activation recomputation is off.
+    checkpoint's tensors are cast on load), the layer spec is the local one (its attention
+    handles the padding and KV-cache masks generation needs, and it saves and loads under
+    Transformer Engine's key names, so TE-trained checkpoints load), and activation
+    recomputation is off.
     """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), run_config)
@@ -89,10 +90,7 @@ def inference_config(run_config: dict) -> ExperimentConfig:
     p.sequence_parallel = False
     has_cuda = compat.has_cuda()
     cfg.train.precision = "bf16" if has_cuda and cfg.train.precision != "fp32" else "fp32"
-    if cfg.model.layer_spec == "te":
-        from megatron_srp.model.specs import te_available
-        if not (has_cuda and te_available()):
-            cfg.model.layer_spec = "local"
+    cfg.model.layer_spec = "local"
     cfg.model.recompute = "none"
     return cfg
 

@@ -32,21 +32,44 @@ class SDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
 
+    def _mask(self, q_len: int, k_len: int, attention_mask: Optional[torch.Tensor],
+              device: torch.device) -> tuple[bool, Optional[torch.Tensor]]:
+        """``(is_causal, allowed)`` for SDPA.
+
+        The queries are the *last* ``q_len`` of ``k_len`` positions: all of them in training,
+        one new token or an appended chunk behind a KV cache. A causal layer stays causal in
+        every case, which is why the layer's own mask type decides and not the ``no_mask``
+        Megatron's inference path passes once a cache holds tokens. ``attention_mask`` (True =
+        blocked, Megatron's convention) marks padding; a query may always see itself, so a
+        padding position that may see nothing else stays finite instead of becoming NaN.
+        """
+        causal = self.attn_mask_type == AttnMaskType.causal
+        if attention_mask is None:
+            if not causal or q_len == 1:
+                return False, None
+            if q_len == k_len:
+                return True, None
+        elif not causal:
+            return False, ~attention_mask
+        rows = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
+        cols = torch.arange(k_len, device=device).unsqueeze(0)
+        below = cols <= rows
+        if attention_mask is None:
+            return False, below
+        return False, (~attention_mask & below) | (cols == rows)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
-        mask_type = attn_mask_type or self.attn_mask_type
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         groups = q.size(1) // k.size(1)
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        causal = mask_type == AttnMaskType.causal and q.size(2) > 1
-        # Megatron masks are True where attention is *blocked*; SDPA wants True where allowed.
-        mask = None if (causal or attention_mask is None) else ~attention_mask
+        causal, mask = self._mask(q.size(2), k.size(2), attention_mask, q.device)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)

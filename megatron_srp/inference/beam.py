@@ -1,0 +1,193 @@
+"""Beam search and SafeBeam over a KV cache, for a batch of prompts at once.
+
+**Beam search** keeps the ``num_beams`` best continuations of each prompt by summed
+log-probability. A continuation that produces the end-of-document token (with ``stop_at_eod``)
+or the harmfulness tag is finished; a prompt is done once it has ``num_beams`` finished
+continuations (or at ``max_new_tokens``, when the live beams count as finished), and its
+answer is the finished one with the best ``score / new_tokens ** length_penalty``.
+
+**SafeBeam** (Maini et al. 2025, Algorithm 1): at each step every beam proposes its
+``top_n`` most likely next tokens. Each candidate y' is fed to the model once more, which gives
+the look-ahead probability that the token after y' is ``<potentially_unsafe_content>``; the
+``drop_fraction`` of candidates with the highest look-ahead are pruned, and the best
+``num_beams`` of the rest by log-probability survive. The look-ahead forward pass is also the
+survivors' next step, so SafeBeam costs one forward pass per step, over ``top_n`` times the
+rows. An answer that ends in the tag is short-circuited to the fixed safe completion.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.inference.generation import (GenerationResult, finish_result,
+                                               prepare_prompts, tag_id)
+from megatron_srp.inference.kv_cache import KVCache, left_pad
+from megatron_srp.inference.sample import _device_of
+
+
+@dataclass
+class BeamConfig:
+    """Beam search; ``num_beams`` 10 as in the safety-pretraining papers."""
+
+    num_beams: int = 10
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    stop_at_eod: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class SafeBeamConfig(BeamConfig):
+    """SafeBeam: ``top_n`` candidates per beam, the ``drop_fraction`` of candidates most
+    likely to be followed by the harmfulness tag pruned before the best beams are kept."""
+
+    top_n: int = 2
+    drop_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_n < 1:
+            raise ValueError(f"top_n must be >= 1, got {self.top_n}")
+        if not 0.0 <= self.drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {self.drop_fraction}")
+        kept = self.num_beams * self.top_n - math.ceil(self.drop_fraction * self.num_beams
+                                                       * self.top_n)
+        if kept < self.num_beams:
+            raise ValueError(f"num_beams={self.num_beams} x top_n={self.top_n} candidates leave "
+                             f"{kept} after pruning {self.drop_fraction:.0%}; need at least "
+                             f"num_beams (raise top_n)")
+
+
+@dataclass
+class _Prompt:
+    """One prompt's search: its live beams (ids, summed log-prob) and finished answers."""
+
+    beams: list[tuple[list[int], float]]
+    finished: list[tuple[float, list[int], Optional[int], float]]  # (norm, ids, stop, logp)
+    done: bool = False
+
+
+def _normalised(logp: float, n: int, penalty: float) -> float:
+    return logp / (max(n, 1) ** penalty)
+
+
+def _expand(states: list[_Prompt], logprobs: torch.Tensor, cfg: BeamConfig,
+            per_row: int) -> tuple[list[int], list[int], list[float]]:
+    """Candidates ``(parent row, token, summed log-prob)`` of the live prompts, in row order:
+    the ``per_row`` best tokens of every beam."""
+    values, tokens = torch.topk(logprobs, per_row, dim=-1)
+    parents, toks, scores = [], [], []
+    row = 0
+    for st in states:
+        if st.done:
+            continue
+        for _, logp in st.beams:
+            for v, t in zip(values[row].tolist(), tokens[row].tolist()):
+                parents.append(row)
+                toks.append(t)
+                scores.append(logp + v)
+            row += 1
+    return parents, toks, scores
+
+
+def _choose(st: _Prompt, order: list[int], toks: list[int], scores: list[float],
+            parents_ids: list[list[int]], stops: set[int], cfg: BeamConfig,
+            last_step: bool) -> list[int]:
+    """Walk candidates best first: finished ones are recorded, the first ``num_beams`` others
+    become the new beams. Returns the chosen candidates' positions."""
+    chosen, beams = [], []
+    for rank, c in enumerate(order):
+        ids = parents_ids[c] + [toks[c]]
+        if toks[c] in stops:
+            if rank < cfg.num_beams:
+                st.finished.append((_normalised(scores[c], len(ids) - 1, cfg.length_penalty),
+                                    ids[:-1], toks[c], scores[c]))
+            continue
+        if len(beams) < cfg.num_beams:
+            beams.append((ids, scores[c]))
+            chosen.append(c)
+    st.beams = beams
+    if last_step or len(st.finished) >= cfg.num_beams or not beams:
+        if last_step:
+            st.finished += [(_normalised(lp, len(ids), cfg.length_penalty), ids, None, lp)
+                            for ids, lp in beams]
+        st.done = True
+        return []
+    return chosen
+
+
+@torch.no_grad()
+def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
+                cfg: BeamConfig) -> list[GenerationResult]:
+    """The best continuation of each prompt by beam search or, for a
+    :class:`SafeBeamConfig`, SafeBeam."""
+    if not prompt_ids:
+        return []
+    safe = isinstance(cfg, SafeBeamConfig)
+    tag = tag_id(tokenizer)
+    stops = {tag} | ({tokenizer.eod} if cfg.stop_at_eod else set())
+    contexts = prepare_prompts(tokenizer, prompt_ids, cfg.max_new_tokens,
+                               int(model.max_sequence_length))
+    dev = _device_of(model)
+    tokens, padding = left_pad(contexts, tokenizer.pad, dev)
+    cache = KVCache(model, tokenizer.vocab_size, tokens.size(1) + cfg.max_new_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = cache.prefill(tokens, padding)
+        states = [_Prompt(beams=[([], 0.0)], finished=[]) for _ in contexts]
+        for step in range(cfg.max_new_tokens):
+            logprobs = torch.log_softmax(logits, dim=-1)
+            first = step == 0
+            per_row = (cfg.num_beams * (cfg.top_n if safe else 1) if first
+                       else (cfg.top_n if safe else 2 * cfg.num_beams))
+            per_row = min(per_row, logprobs.size(-1))
+            parents, toks, scores = _expand(states, logprobs, cfg, per_row)
+            row_ids = [ids for st in states if not st.done for ids, _ in st.beams]
+            parents_ids = [row_ids[p] for p in parents]
+            look = None
+            if safe:
+                # Feed every candidate: the tag's probability after it, and the next logits.
+                cache.select(parents)
+                look = cache.extend(torch.tensor(toks, device=dev).unsqueeze(1))
+                tag_prob = torch.softmax(look, dim=-1)[:, tag].tolist()
+            last = step == cfg.max_new_tokens - 1
+            keep: list[int] = []
+            start = 0
+            for st in states:
+                if st.done:
+                    continue
+                n = len(st.beams) * per_row
+                span = list(range(start, start + n))
+                start += n
+                if safe:
+                    pruned = set(sorted(span, key=lambda c: -tag_prob[c])
+                                 [:math.ceil(cfg.drop_fraction * n)])
+                    span = [c for c in span if c not in pruned]
+                order = sorted(span, key=lambda c: -scores[c])
+                keep += _choose(st, order, toks, scores, parents_ids, stops, cfg, last)
+            if not keep:
+                break
+            if safe:
+                cache.select(keep)
+                logits = look[keep]
+            else:
+                cache.select([parents[c] for c in keep])
+                logits = cache.extend(torch.tensor([toks[c] for c in keep],
+                                                   device=dev).unsqueeze(1))
+    finally:
+        model.train(was_training)
+    results = []
+    for prompt, st in zip(contexts, states):
+        norm, ids, stop, logp = max(st.finished, key=lambda f: f[0])
+        results.append(finish_result(tokenizer, prompt, ids, stop, tag, score=norm))
+    return results

@@ -1,0 +1,165 @@
+"""Batched generation with a KV cache, and the one ``decode`` entry point for every method.
+
+Methods are swappable components chosen by the type of their config:
+
+| config | method |
+|---|---|
+| :class:`~.sample.GenerationConfig` | greedy (temperature 0) or top-k / top-p sampling |
+| :class:`~.beam.BeamConfig` | beam search |
+| :class:`~.beam.SafeBeamConfig` | SafeBeam (beam search that avoids the harmfulness tag) |
+| :class:`~.guarded.GuardConfig` | reflection-guarded decoding (SRP models) |
+
+    results = decode(model, tokenizer, ["How do I"], GenerationConfig(temperature=0))
+    results[0].text, results[0].finish
+
+Sampling here draws exactly what the no-cache reference sampler (``sample.generate_ids``)
+draws: the same per-prompt random streams, consumed once per new token.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.inference.kv_cache import KVCache, left_pad
+from megatron_srp.inference.sample import (GenerationConfig, _decode_continuation, _device_of,
+                                           _next_tokens, _row_generator)
+from megatron_srp.taxonomy import UNSAFE_TAG
+
+#: What a short-circuited answer says instead of the model's text.
+SAFE_COMPLETION = "I can't help with that."
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's answer and how it ended.
+
+    ``finish``: ``"eod"`` (end-of-document token), ``"length"`` (``max_new_tokens``),
+    ``"tag"`` (the model produced the harmfulness tag: the answer was short-circuited to the
+    fixed safe completion) or ``"reflection"`` (reflection-guarded decoding read Unsafe and
+    refused). ``ids`` are the new tokens the model produced (without a terminating token);
+    ``text`` is what a user sees.
+    """
+
+    ids: list[int]
+    text: str
+    finish: str
+    short_circuited: bool = False
+    category: Optional[str] = None
+    reflections: list[dict[str, Any]] = field(default_factory=list)
+    score: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prepare_prompts(tokenizer: SRPTokenizer, prompt_ids: Sequence[Sequence[int]],
+                    max_new_tokens: int, window: int) -> list[list[int]]:
+    """Each prompt as the context a cache can hold: an empty prompt starts a document (the
+    end-of-document token); a prompt longer than ``window - max_new_tokens`` keeps its end."""
+    if max_new_tokens >= window:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's context "
+                         f"length ({window})")
+    keep = window - max_new_tokens
+    return [list(p)[-keep:] if len(p) else [tokenizer.eod] for p in prompt_ids]
+
+
+def tag_id(tokenizer: SRPTokenizer) -> int:
+    """The id of ``<potentially_unsafe_content>`` (every project tokenizer has it)."""
+    ids = tokenizer.tokenize(UNSAFE_TAG)
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer does not have {UNSAFE_TAG} as one special token")
+    return ids[0]
+
+
+@torch.no_grad()
+def sample_ids(model, tokenizer: SRPTokenizer, prompt_ids: Sequence[Sequence[int]],
+               gen: GenerationConfig, stop_ids: Sequence[int] = ()
+               ) -> list[tuple[list[int], Optional[int]]]:
+    """Per prompt ``(new ids, the stop id that ended it or None)`` by greedy decoding or
+    sampling with a KV cache. ``stop_ids`` end a row (besides the end-of-document token when
+    ``gen.stop_at_eod``) and are not part of its ids. Finished rows leave the batch."""
+    if not prompt_ids:
+        return []
+    contexts = prepare_prompts(tokenizer, prompt_ids, gen.max_new_tokens,
+                               int(model.max_sequence_length))
+    dev = _device_of(model)
+    stops = set(stop_ids) | ({tokenizer.eod} if gen.stop_at_eod else set())
+    tokens, padding = left_pad(contexts, tokenizer.pad, dev)
+    cache = KVCache(model, tokenizer.vocab_size, tokens.size(1) + gen.max_new_tokens)
+    generators = [_row_generator(gen.seed, i, dev) for i in range(len(contexts))]
+    out: list[list[int]] = [[] for _ in contexts]
+    stopped: list[Optional[int]] = [None] * len(contexts)
+    rows = list(range(len(contexts)))  # prompt index of each cache row
+    was_training = model.training
+    model.eval()
+    try:
+        logits = cache.prefill(tokens, padding) if gen.max_new_tokens else None
+        for step in range(gen.max_new_tokens):
+            active = torch.ones(len(rows), dtype=torch.bool, device=dev)
+            nxt = _next_tokens(logits, gen, [generators[r] for r in rows], active).tolist()
+            keep = []
+            for j, (r, tok) in enumerate(zip(rows, nxt)):
+                if tok in stops:
+                    stopped[r] = tok
+                else:
+                    out[r].append(tok)
+                    keep.append(j)
+            if step == gen.max_new_tokens - 1 or not keep:
+                break
+            if len(keep) < len(rows):
+                cache.select(keep)
+                rows = [rows[j] for j in keep]
+            step_tokens = torch.tensor([[nxt[j]] for j in keep], dtype=torch.long, device=dev)
+            logits = cache.extend(step_tokens)
+    finally:
+        model.train(was_training)
+    return list(zip(out, stopped))
+
+
+def _sample(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
+            gen: GenerationConfig) -> list[GenerationResult]:
+    tag = tag_id(tokenizer)
+    results = []
+    for prompt, (ids, stop) in zip(prompt_ids, sample_ids(model, tokenizer, prompt_ids, gen,
+                                                          stop_ids=[tag])):
+        results.append(finish_result(tokenizer, prompt, ids, stop, tag))
+    return results
+
+
+def finish_result(tokenizer: SRPTokenizer, prompt: list[int], ids: list[int],
+                  stop: Optional[int], tag: int, score: Optional[float] = None) -> GenerationResult:
+    """A result from new ids and the token that stopped them; the harmfulness tag
+    short-circuits the answer to :data:`SAFE_COMPLETION`."""
+    if stop == tag:
+        return GenerationResult(ids=ids, text=SAFE_COMPLETION, finish="tag",
+                                short_circuited=True, score=score)
+    finish = "eod" if stop is not None else "length"
+    return GenerationResult(ids=ids, text=_decode_continuation(tokenizer, prompt, ids),
+                            finish=finish, score=score)
+
+
+def _registry() -> dict[type, Callable]:
+    from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig, beam_search
+    from megatron_srp.inference.guarded import GuardConfig, guarded_decode
+    return {GenerationConfig: _sample, BeamConfig: beam_search, SafeBeamConfig: beam_search,
+            GuardConfig: guarded_decode}
+
+
+def decode(model, tokenizer: SRPTokenizer, prompts: Sequence[str], config) -> list[GenerationResult]:
+    """Answer each prompt with the method ``config`` selects (see the table above)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    prompt_ids = tokenizer.tokenize_batch(list(prompts)) if prompts else []
+    return decode_ids(model, tokenizer, prompt_ids, config)
+
+
+def decode_ids(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
+               config) -> list[GenerationResult]:
+    """:func:`decode` for prompts that are already token ids."""
+    method = _registry().get(type(config))
+    if method is None:
+        raise TypeError(f"no decoding method for {type(config).__name__}")
+    return method(model, tokenizer, prompt_ids, config)

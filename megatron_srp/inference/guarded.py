@@ -1,0 +1,269 @@
+"""Reflection-guarded decoding, and reading a model's reflection on given text.
+
+An SRP model was trained on text in which every segment of a few hundred tokens is followed by
+``<|reflect|>Safe<|/reflect|>`` or ``<|reflect|>Unsafe: S2<|/reflect|>``. Guarded decoding
+puts that habit to work while it answers: the answer is sampled as usual, and at every segment
+boundary (``segment_tokens`` new tokens since the last reflection, the budget the data used,
+or a sentence end) and at the end of the answer, the reflection opener is appended and the
+model's own verdict is read greedily up to the closer. On Unsafe the answer stops and the user
+gets the refusal; the result records the category the model named. On Safe the reflection stays
+in the model's context (as in its training data) but not in the text returned. A reflection the
+model opens by itself is read the same way.
+
+All rows of a batch advance one position per step behind one KV cache: a row that is
+reflecting is fed its forced opener or its greedy label token while the others sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.inference.generation import (SAFE_COMPLETION, GenerationResult,
+                                               prepare_prompts)
+from megatron_srp.inference.kv_cache import KVCache, left_pad
+from megatron_srp.inference.sample import (GenerationConfig, _decode_continuation, _device_of,
+                                           _next_tokens, _row_generator)
+from megatron_srp.taxonomy import (DEFAULT_TAXONOMY, REFLECT_CLOSE, REFLECT_OPEN, Taxonomy,
+                                   format_reflection, parse_reflection)
+
+SENTENCE_ENDS = (".", "!", "?")
+
+
+@dataclass
+class GuardConfig:
+    """Reflection-guarded decoding: how to sample (``sampling``), where to reflect, what to say
+    when the model reads Unsafe."""
+
+    sampling: GenerationConfig = field(default_factory=GenerationConfig)
+    boundary: str = "budget"          # "budget": every segment_tokens tokens; "sentence"
+    segment_tokens: int = 256
+    min_sentence_tokens: int = 8      # "sentence": reflect at a sentence end this far in
+    refusal: str = SAFE_COMPLETION
+    max_label_tokens: int = 12
+
+    def __post_init__(self) -> None:
+        if self.boundary not in ("budget", "sentence"):
+            raise ValueError(f"boundary must be 'budget' or 'sentence', got {self.boundary!r}")
+        if self.segment_tokens < 1 or self.min_sentence_tokens < 1:
+            raise ValueError("segment_tokens and min_sentence_tokens must be >= 1")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens
+
+    def reflection_budget(self) -> int:
+        """Positions the reflections of one answer may take at most."""
+        every = self.segment_tokens if self.boundary == "budget" else self.min_sentence_tokens
+        return (self.max_new_tokens // every + 1) * (self.max_label_tokens + 2)
+
+
+@dataclass
+class Reflection:
+    """What the model said about some text: its verdict, the label text, P(Unsafe)."""
+
+    safe: Optional[bool]              # None: the model did not produce a well-formed label
+    category: Optional[str]
+    label: str
+    p_unsafe: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"safe": self.safe, "category": self.category, "label": self.label,
+                "p_unsafe": self.p_unsafe}
+
+
+class _Ids:
+    """The token ids guarded decoding needs from the tokenizer."""
+
+    def __init__(self, tokenizer: SRPTokenizer) -> None:
+        self.open = tokenizer.tokenize(REFLECT_OPEN)[0]
+        self.close = tokenizer.tokenize(REFLECT_CLOSE)[0]
+        self.eod = tokenizer.eod
+        self.safe_first = tokenizer.tokenize(format_reflection(True))[1]
+        self.unsafe_first = tokenizer.tokenize(format_reflection(False, include_category=False))[1]
+
+
+def _parse(tokenizer: SRPTokenizer, label_ids: list[int], taxonomy: Taxonomy) -> Reflection:
+    label = tokenizer.detokenize(label_ids)
+    try:
+        safe, category = parse_reflection(f"{REFLECT_OPEN}{label}{REFLECT_CLOSE}", taxonomy)
+    except ValueError:
+        return Reflection(safe=None, category=None, label=label)
+    return Reflection(safe=safe, category=category, label=label)
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    out: list[int] = field(default_factory=list)
+    mode: str = "text"                # text | open (feed the opener next) | label
+    since: int = 0                    # answer tokens since the last reflection
+    label: list[int] = field(default_factory=list)
+    ending: Optional[str] = None      # set when the answer is over and its last check runs
+    reflections: list[dict[str, Any]] = field(default_factory=list)
+    result: Optional[GenerationResult] = None
+
+
+def _at_boundary(row: _Row, token_text: str, cfg: GuardConfig) -> bool:
+    if cfg.boundary == "budget":
+        return row.since >= cfg.segment_tokens
+    return row.since >= cfg.min_sentence_tokens and token_text.rstrip().endswith(SENTENCE_ENDS)
+
+
+@torch.no_grad()
+def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
+                   cfg: GuardConfig, taxonomy: Taxonomy = DEFAULT_TAXONOMY
+                   ) -> list[GenerationResult]:
+    """Answer each prompt under reflection guard (see the module docstring)."""
+    if not prompt_ids:
+        return []
+    ids = _Ids(tokenizer)
+    gen = cfg.sampling
+    window = int(model.max_sequence_length)
+    contexts = prepare_prompts(tokenizer, prompt_ids, gen.max_new_tokens, window)
+    dev = _device_of(model)
+    tokens, padding = left_pad(contexts, tokenizer.pad, dev)
+    capacity = min(window, tokens.size(1) + gen.max_new_tokens + cfg.reflection_budget())
+    cache = KVCache(model, tokenizer.vocab_size, max(capacity, tokens.size(1) + 1))
+    rows = [_Row(prompt=c) for c in contexts]
+    live = list(range(len(rows)))
+    generators = [_row_generator(gen.seed, i, dev) for i in range(len(rows))]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = cache.prefill(tokens, padding)
+        while live:
+            active = torch.tensor([rows[r].mode == "text" for r in live], device=dev)
+            drawn = _next_tokens(logits, gen, [generators[r] for r in live], active).tolist()
+            feed, keep = [], []
+            for j, r in enumerate(live):
+                tok = _advance(rows[r], drawn[j], tokenizer, ids, cfg, taxonomy)
+                if tok is not None:
+                    feed.append(tok)
+                    keep.append(j)
+            if not keep:
+                break
+            if cache.length >= cache.max_length:
+                for j in keep:  # out of room: end what is left, unchecked
+                    _finish(rows[live[j]], tokenizer, "length")
+                break
+            if len(keep) < len(live):
+                cache.select(keep)
+                live = [live[j] for j in keep]
+            logits = cache.extend(torch.tensor(feed, device=dev).unsqueeze(1))
+    finally:
+        model.train(was_training)
+    for row in rows:
+        if row.result is None:
+            _finish(row, tokenizer, "length")
+    return [row.result for row in rows]
+
+
+def _advance(row: _Row, drawn: int, tokenizer: SRPTokenizer, ids: _Ids, cfg: GuardConfig,
+             taxonomy: Taxonomy) -> Optional[int]:
+    """One step of one row: the token to feed next, or None when the row is finished."""
+    if row.mode == "open":
+        row.mode, row.label = "label", []
+        return ids.open
+    if row.mode == "label":
+        if drawn != ids.close and len(row.label) < cfg.max_label_tokens:
+            row.label.append(drawn)
+            return drawn
+        verdict = _parse(tokenizer, row.label, taxonomy)
+        row.reflections.append({"after_tokens": len(row.out), **verdict.to_dict()})
+        if verdict.safe is False:
+            row.result = GenerationResult(ids=row.out, text=cfg.refusal, finish="reflection",
+                                          short_circuited=True, category=verdict.category,
+                                          reflections=row.reflections)
+            return None
+        if row.ending is not None:
+            _finish(row, tokenizer, row.ending)
+            return None
+        row.mode, row.since = "text", 0
+        return ids.close
+    # text
+    if drawn == ids.open:  # the model opens a reflection itself
+        row.mode, row.label = "label", []
+        return ids.open
+    if drawn == ids.eod and cfg.sampling.stop_at_eod:
+        return _end(row, tokenizer, "eod", ids)
+    row.out.append(drawn)
+    row.since += 1
+    if len(row.out) >= cfg.max_new_tokens:
+        row.ending, row.mode = "length", "open"
+    elif _at_boundary(row, tokenizer.detokenize([drawn]), cfg):
+        row.mode = "open"
+    return drawn
+
+
+def _end(row: _Row, tokenizer: SRPTokenizer, how: str, ids: _Ids) -> Optional[int]:
+    """The answer is over: check its last segment first, unless that was just checked."""
+    if row.since == 0:
+        _finish(row, tokenizer, how)
+        return None
+    row.ending, row.mode, row.label = how, "label", []
+    return ids.open
+
+
+def _finish(row: _Row, tokenizer: SRPTokenizer, how: str) -> None:
+    if row.result is None:
+        row.result = GenerationResult(ids=row.out, text=_decode_continuation(
+            tokenizer, row.prompt, row.out), finish=how, reflections=row.reflections)
+
+
+def guard_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """How often the guard fired, and on which categories."""
+    fired = [r for r in results if r.finish == "reflection"]
+    categories: dict[str, int] = {}
+    for r in fired:
+        key = r.category or "unspecified"
+        categories[key] = categories.get(key, 0) + 1
+    checks = sum(len(r.reflections) for r in results)
+    malformed = sum(1 for r in results for x in r.reflections if x["safe"] is None)
+    return {"answers": len(results), "fired": len(fired),
+            "fired_rate": len(fired) / len(results) if results else 0.0,
+            "reflections_read": checks, "malformed_reflections": malformed,
+            "categories": dict(sorted(categories.items()))}
+
+
+@torch.no_grad()
+def read_reflections(model, tokenizer: SRPTokenizer, contexts: Sequence[Sequence[int]],
+                     max_label_tokens: int = 12, taxonomy: Taxonomy = DEFAULT_TAXONOMY
+                     ) -> list[Reflection]:
+    """The model's reflection on each context (token ids): the opener is appended and the
+    label read greedily up to the closer. ``p_unsafe`` compares the first label token's
+    probabilities for Unsafe and Safe. Contexts longer than the model's window keep their end."""
+    if not contexts:
+        return []
+    ids = _Ids(tokenizer)
+    window = int(model.max_sequence_length)
+    keep = window - max_label_tokens - 1
+    rows = [list(c)[-keep:] + [ids.open] for c in contexts]
+    dev = _device_of(model)
+    tokens, padding = left_pad(rows, tokenizer.pad, dev)
+    cache = KVCache(model, tokenizer.vocab_size, tokens.size(1) + max_label_tokens)
+    logits = cache.prefill(tokens, padding)
+    probs = torch.softmax(logits, dim=-1)
+    p_u, p_s = probs[:, ids.unsafe_first], probs[:, ids.safe_first]
+    p_unsafe = (p_u / (p_u + p_s).clamp_min(1e-30)).tolist()
+    labels: list[list[int]] = [[] for _ in rows]
+    live = list(range(len(rows)))
+    for step in range(max_label_tokens):
+        nxt = logits.argmax(dim=-1).tolist()
+        still = [j for j, r in enumerate(live) if nxt[j] != ids.close]
+        for j in still:
+            labels[live[j]].append(nxt[j])
+        if not still or step == max_label_tokens - 1:
+            break
+        if len(still) < len(live):
+            cache.select(still)
+        live = [live[j] for j in still]
+        logits = cache.extend(torch.tensor([nxt[j] for j in still], device=dev).unsqueeze(1))
+    out = []
+    for label, p in zip(labels, p_unsafe):
+        verdict = _parse(tokenizer, label, taxonomy)
+        verdict.p_unsafe = p
+        out.append(verdict)
+    return out
