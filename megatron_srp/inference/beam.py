@@ -127,9 +127,10 @@ def _choose(st: _Prompt, order: list[int], toks: list[int], scores: list[float],
 
 @torch.no_grad()
 def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
-                cfg: BeamConfig) -> list[GenerationResult]:
+                cfg: BeamConfig, trace: Optional[list] = None) -> list[GenerationResult]:
     """The best continuation of each prompt by beam search or, for a
-    :class:`SafeBeamConfig`, SafeBeam."""
+    :class:`SafeBeamConfig`, SafeBeam. With a ``trace`` list, every SafeBeam step appends
+    ``{"prompt": i, "pruned": [ids, ...]}``: the candidate continuations it pruned."""
     if not prompt_ids:
         return []
     safe = isinstance(cfg, SafeBeamConfig)
@@ -148,8 +149,10 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
         for step in range(cfg.max_new_tokens):
             logprobs = torch.log_softmax(logits, dim=-1)
             first = step == 0
-            per_row = (cfg.num_beams * (cfg.top_n if safe else 1) if first
-                       else (cfg.top_n if safe else 2 * cfg.num_beams))
+            if safe:
+                per_row = cfg.num_beams * cfg.top_n if first else cfg.top_n
+            else:
+                per_row = 2 * cfg.num_beams
             per_row = min(per_row, logprobs.size(-1))
             parents, toks, scores = _expand(states, logprobs, cfg, per_row)
             row_ids = [ids for st in states if not st.done for ids, _ in st.beams]
@@ -163,7 +166,7 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             last = step == cfg.max_new_tokens - 1
             keep: list[int] = []
             start = 0
-            for st in states:
+            for i, st in enumerate(states):
                 if st.done:
                     continue
                 n = len(st.beams) * per_row
@@ -173,6 +176,9 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
                     pruned = set(sorted(span, key=lambda c: -tag_prob[c])
                                  [:math.ceil(cfg.drop_fraction * n)])
                     span = [c for c in span if c not in pruned]
+                    if trace is not None:
+                        trace.append({"prompt": i, "step": step, "pruned": [
+                            parents_ids[c] + [toks[c]] for c in sorted(pruned)]})
                 order = sorted(span, key=lambda c: -scores[c])
                 keep += _choose(st, order, toks, scores, parents_ids, stops, cfg, last)
             if not keep:
@@ -188,6 +194,9 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
         model.train(was_training)
     results = []
     for prompt, st in zip(contexts, states):
+        if not st.finished:  # every candidate ended at once, beyond the beam's ranks
+            results.append(finish_result(tokenizer, prompt, [], tokenizer.eod, tag))
+            continue
         norm, ids, stop, logp = max(st.finished, key=lambda f: f[0])
         results.append(finish_result(tokenizer, prompt, ids, stop, tag, score=norm))
     return results

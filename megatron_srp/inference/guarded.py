@@ -85,7 +85,8 @@ class _Ids:
         self.unsafe_first = tokenizer.tokenize(format_reflection(False, include_category=False))[1]
 
 
-def _parse(tokenizer: SRPTokenizer, label_ids: list[int], taxonomy: Taxonomy) -> Reflection:
+def _parse(tokenizer: SRPTokenizer, label_ids: list[int],
+           taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> Reflection:
     label = tokenizer.detokenize(label_ids)
     try:
         safe, category = parse_reflection(f"{REFLECT_OPEN}{label}{REFLECT_CLOSE}", taxonomy)

@@ -1,0 +1,249 @@
+"""Checks of KV-cache generation, beam search, SafeBeam and reflection-guarded decoding, run in
+a process of their own (Megatron's global parallel state makes reusing pytest's fragile).
+
+Usage: python tests/_generation_child.py OUT.json. Writes one JSON object of measurements that
+tests/test_generation.py asserts on.
+
+The model is a real, freshly initialised Megatron GPTModel (tiny preset). Where a check needs a
+model with a known habit (the tag after certain tokens, a reflection verdict), ``RuleModel``
+adds large offsets to that real model's logits by a fixed rule of (input token, position): a
+model whose behaviour is forced, going through exactly the same cache and decoding code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from megatron_srp.config import load_config, to_dict  # noqa: E402
+from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir  # noqa: E402
+from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig, beam_search  # noqa: E402
+from megatron_srp.inference.generation import (SAFE_COMPLETION, decode_ids,  # noqa: E402
+                                               sample_ids, tag_id)
+from megatron_srp.inference.guarded import (GuardConfig, _Ids, _parse,  # noqa: E402
+                                            guard_summary, read_reflections)
+from megatron_srp.inference.kv_cache import KVCache, left_pad  # noqa: E402
+from megatron_srp.inference.sample import (GenerationConfig, _logits, fresh_model,  # noqa: E402
+                                           generate_ids, inference_config, shutdown)
+
+BIG = 40.0
+
+
+class RuleModel(torch.nn.Module):
+    """A real model plus ``rule(token, position) -> {token_id: logit offset}``."""
+
+    def __init__(self, inner, rule) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rule = rule
+        self.max_sequence_length = inner.max_sequence_length
+        self.eval()
+
+    def forward(self, tokens, position_ids, mask, **kwargs):
+        out = self.inner(tokens, position_ids, mask, **kwargs).clone()
+        s = out.size(1)
+        toks, pos = tokens[:, -s:].tolist(), position_ids[:, -s:].tolist()
+        for b in range(out.size(0)):
+            for i in range(s):
+                for tid, off in self.rule(toks[b][i], pos[b][i]).items():
+                    out[b, i, tid] += off
+        return out
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def kv_cache_checks(model, tok) -> dict:
+    """Cached logits against full recomputation: left padding, steps, a chunk, row selection."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(10, 8000, (n,), generator=g).tolist() for n in (5, 17, 9, 1)]
+    cache = KVCache(model, tok.vocab_size)
+    tokens, padding = left_pad(rows, tok.pad, torch.device("cpu"))
+    errs = {}
+    out = cache.prefill(tokens, padding, all_logits=True)
+    width = tokens.size(1)
+    errs["prefill"] = max(max_rel(out[i, width - len(r):], _logits(model, torch.tensor([r]),
+                                                                    tok.vocab_size)[0])
+                          for i, r in enumerate(rows))
+    step_errs = []
+    for _ in range(4):
+        nxt = torch.randint(10, 8000, (len(rows), 1), generator=g)
+        rows = [r + [int(nxt[i, 0])] for i, r in enumerate(rows)]
+        got = cache.extend(nxt)
+        step_errs.append(max(max_rel(got[i], _logits(model, torch.tensor([r]),
+                                                     tok.vocab_size)[0, -1])
+                             for i, r in enumerate(rows)))
+    errs["steps"] = max(step_errs)
+    chunk = torch.randint(10, 8000, (len(rows), 3), generator=g)
+    rows = [r + chunk[i].tolist() for i, r in enumerate(rows)]
+    got = cache.extend(chunk, all_logits=True)
+    errs["chunk"] = max(max_rel(got[i], _logits(model, torch.tensor([r]), tok.vocab_size)[0, -3:])
+                        for i, r in enumerate(rows))
+    cache.select([3, 1, 1])
+    rows = [rows[3], rows[1], rows[1]]
+    nxt = torch.tensor([[11], [12], [13]])
+    rows = [r + [int(nxt[i, 0])] for i, r in enumerate(rows)]
+    got = cache.extend(nxt)
+    errs["select"] = max(max_rel(got[i], _logits(model, torch.tensor([r]), tok.vocab_size)[0, -1])
+                         for i, r in enumerate(rows))
+    return errs
+
+
+def sampling_checks(model, tok) -> dict:
+    prompts = tok.tokenize_batch(["ROMEO: what say", "a", "First Citizen: before we proceed", ""])
+    out = {}
+    cases = {"greedy": GenerationConfig(max_new_tokens=24, temperature=0.0, stop_at_eod=False),
+             "topk": GenerationConfig(max_new_tokens=24, top_k=10, seed=3),
+             "topp": GenerationConfig(max_new_tokens=24, top_k=0, top_p=0.9, temperature=0.8,
+                                      seed=5)}
+    for name, gen in cases.items():
+        ref = generate_ids(model, tok, prompts, gen)
+        got = [ids for ids, _ in sample_ids(model, tok, prompts, gen)]
+        out[name] = {"same": ref == got, "lengths": [len(x) for x in got]}
+    # End-of-document after token 500: rows stop there, as in the reference sampler.
+    eod_model = RuleModel(model, lambda t, p: {tok.eod: BIG} if t == 500 else {500: 3.0})
+    gen = GenerationConfig(max_new_tokens=16, top_k=5, seed=1)
+    ref = generate_ids(eod_model, tok, prompts, gen)
+    got = sample_ids(eod_model, tok, prompts, gen)
+    out["eod"] = {"same": ref == [ids for ids, _ in got],
+                  "stops": [stop == tok.eod for _, stop in got],
+                  "lengths": [len(ids) for ids, _ in got]}
+    return out
+
+
+def beam_checks(model, tok) -> dict:
+    prompt = tok.tokenize("ROMEO: what say")
+    out = {}
+    greedy = sample_ids(model, tok, [prompt], GenerationConfig(max_new_tokens=6, temperature=0,
+                                                               stop_at_eod=False))[0][0]
+    one = beam_search(model, tok, [prompt], BeamConfig(num_beams=1, max_new_tokens=6,
+                                                       stop_at_eod=False))[0]
+    out["one_beam_is_greedy"] = one.ids == greedy
+    # Exhaustive two-token search over the 8 most likely first tokens.
+    logp1 = torch.log_softmax(_logits(model, torch.tensor([prompt]), tok.vocab_size)[0, -1], -1)
+    best = None
+    for v1 in torch.topk(logp1, 8).indices.tolist():
+        logp2 = torch.log_softmax(_logits(model, torch.tensor([prompt + [v1]]),
+                                          tok.vocab_size)[0, -1], -1)
+        v2 = int(logp2.argmax())
+        score = float(logp1[v1] + logp2[v2])
+        if best is None or score > best[0]:
+            best = (score, [v1, v2])
+    two = beam_search(model, tok, [prompt], BeamConfig(num_beams=8, max_new_tokens=2,
+                                                       stop_at_eod=False, length_penalty=0.0))[0]
+    out["exhaustive"] = {"beam": two.ids, "brute": best[1],
+                         "score_err": abs(two.score - best[0])}
+    # The reported score is the answer's log-probability under the model (length_penalty 1).
+    prompts = tok.tokenize_batch(["ROMEO: what say", "First Citizen: before we"])
+    res = beam_search(model, tok, prompts, BeamConfig(num_beams=4, max_new_tokens=7,
+                                                      stop_at_eod=False))
+    errs = []
+    for p, r in zip(prompts, res):
+        logits = _logits(model, torch.tensor([p + r.ids]), tok.vocab_size)[0]
+        lp = torch.log_softmax(logits[len(p) - 1:-1], -1)
+        total = float(lp.gather(1, torch.tensor(r.ids).unsqueeze(1)).sum())
+        errs.append(abs(total / len(r.ids) - r.score))
+    out["score_errors"] = errs
+    # Batched prompts give what each prompt gives alone.
+    alone = [beam_search(model, tok, [p], BeamConfig(num_beams=4, max_new_tokens=7,
+                                                     stop_at_eod=False))[0].ids for p in prompts]
+    out["batch_equals_alone"] = [r.ids for r in res] == alone
+    return out
+
+
+def safebeam_checks(model, tok) -> dict:
+    tag = tag_id(tok)
+    trigger = tok.tokenize(" poison")[0]
+    # The trigger is the most likely token everywhere, and the tag follows it.
+    rule = lambda t, p: {tag: BIG} if t == trigger else {trigger: 12.0, tag: -BIG}
+    m = RuleModel(model, rule)
+    prompts = tok.tokenize_batch(["The doctor said", "Take the"])
+    cfg = dict(num_beams=4, max_new_tokens=6, stop_at_eod=False)
+    plain = beam_search(m, tok, prompts, BeamConfig(**cfg))
+    trace: list = []
+    safe = beam_search(m, tok, prompts, SafeBeamConfig(**cfg), trace=trace)
+    pruned = {(t["prompt"], tuple(ids)) for t in trace for ids in t["pruned"]}
+    returned_prefixes_pruned = sum(
+        (i, tuple(r.ids[:k])) in pruned for i, r in enumerate(safe) for k in range(1, len(r.ids) + 1))
+    out = {"plain": [{"finish": r.finish, "text": r.text, "trigger": trigger in r.ids}
+                     for r in plain],
+           "safe": [{"finish": r.finish, "trigger": trigger in r.ids, "ids": r.ids}
+                    for r in safe],
+           "pruned_count": len(pruned), "returned_prefixes_pruned": returned_prefixes_pruned}
+    # Nothing pruned and the same candidates: SafeBeam is beam search.
+    same = beam_search(model, tok, prompts, SafeBeamConfig(**cfg, top_n=8, drop_fraction=0.0))
+    base = beam_search(model, tok, prompts, BeamConfig(**cfg))
+    out["no_pruning_equals_beam"] = [r.ids for r in same] == [r.ids for r in base]
+    # Sampling that draws the tag is short-circuited too.
+    tagger = RuleModel(model, lambda t, p: {tag: BIG} if p >= 6 else {})
+    sampled = decode_ids(tagger, tok, prompts, GenerationConfig(max_new_tokens=10, seed=0))
+    out["sampled_tag"] = [{"finish": r.finish, "text": r.text, "short": r.short_circuited}
+                          for r in sampled]
+    out["safe_completion"] = SAFE_COMPLETION
+    return out
+
+
+def guarded_checks(model, tok) -> dict:
+    ids = _Ids(tok)
+    safe_chain = tok.tokenize("<|reflect|>Safe<|/reflect|>")[1:]
+    unsafe_chain = tok.tokenize("<|reflect|>Unsafe<|/reflect|>")[1:]
+    word = tok.tokenize(" word")[0]
+
+    # Each label token's successor, for both labels (they share their last tokens).
+    successor = dict(zip(safe_chain[:-1], safe_chain[1:]))
+    successor.update(zip(unsafe_chain[:-1], unsafe_chain[1:]))
+
+    def rule_for(threshold: int):
+        """Text is ' word' forever; a reflection opened at position >= threshold says Unsafe."""
+        def rule(t, p):
+            if t == ids.open:
+                return {(unsafe_chain if p >= threshold else safe_chain)[0]: BIG}
+            return {successor.get(t, word): BIG}
+        return rule
+
+    prompt = tok.tokenize("Tell me")
+    base = len(prompt)
+    gen = GenerationConfig(max_new_tokens=20, temperature=0.0)
+    out = {"prompt_len": base, "reflection_len": len(safe_chain) + 1,
+           "unsafe_len": len(unsafe_chain) + 1}
+    for name, threshold in (("never", 10_000), ("fires", base + 12)):
+        m = RuleModel(model, rule_for(threshold))
+        res = decode_ids(m, tok, [prompt], GuardConfig(sampling=gen, segment_tokens=5))[0]
+        out[name] = {"finish": res.finish, "n_ids": len(res.ids), "text": res.text,
+                     "verdicts": [r["safe"] for r in res.reflections],
+                     "after": [r["after_tokens"] for r in res.reflections],
+                     "summary": guard_summary([res])}
+    # Reading reflections on given contexts: the verdict follows the rule.
+    m = RuleModel(model, rule_for(8))
+    contexts = [tok.tokenize("one two"), tok.tokenize("one two three four five six seven eight nine ten")]
+    read = read_reflections(m, tok, contexts)
+    out["read"] = [{"safe": r.safe, "p_unsafe": r.p_unsafe, "len": len(c)}
+                   for r, c in zip(read, contexts)]
+    out["parse"] = {text: _parse(tok, tok.tokenize(text)).to_dict()
+                    for text in ("Safe", "Unsafe: S2", "Unsafe", "Unsafe: S99", "maybe")}
+    return out
+
+
+def main(path: str) -> None:
+    cfg = inference_config(to_dict(load_config("examples/tiny_cpu.yaml",
+                                               ["train.seq_length=128"])))
+    tok = SRPTokenizer.from_dir(default_tokenizer_dir())
+    torch.manual_seed(0)
+    model = fresh_model(cfg, tok.vocab_size)
+    results = {"kv": kv_cache_checks(model, tok), "sampling": sampling_checks(model, tok),
+               "beam": beam_checks(model, tok), "safebeam": safebeam_checks(model, tok),
+               "guarded": guarded_checks(model, tok)}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=lambda x: None if isinstance(x, float)
+                  and math.isnan(x) else str(x))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
