@@ -99,6 +99,26 @@ def _write_tokenizer(tokenizer: Any, out: Path, max_positions: int) -> None:
         {"bos_token": eod, "eos_token": eod, "pad_token": pad}, indent=2) + "\n")
 
 
+def to_hf_llama(model, cfg, tokenizer, dtype: str = "float32"):
+    """An in-memory ``LlamaForCausalLM`` with ``model``'s weights (the same mapping as
+    :func:`export_hf`), on the same device; for side-by-side comparisons."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = cfg.model.shape()
+    config = llama_config(shape, tokenizer, int(model.max_sequence_length), dtype)
+    hf = LlamaForCausalLM(LlamaConfig(**config))
+    tensors = llama_state_dict(model.state_dict(), shape, tokenizer.vocab_size)
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (shape.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map onto Llama: missing {missing}, "
+                           f"unexpected {unexpected}")
+    if shape.tie_embeddings:
+        hf.tie_weights()
+    device = next(model.parameters()).device
+    return hf.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
 def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
               dtype: str = "bfloat16", overwrite: bool = False) -> Path:
     """Write the Llama directory for ``checkpoint`` (a run directory or one ``iter_N``) at
