@@ -1,6 +1,9 @@
-"""Sample continuations of prompts from a trained checkpoint (one process, no torchrun).
+"""Continue prompts from a trained checkpoint (one process, no torchrun), by sampling, beam
+search, SafeBeam or reflection-guarded decoding.
 
     python tools/sample_srp.py --checkpoint runs/tiny-cpu-demo --prompt "ROMEO:" [--prompt ...]
+    python tools/sample_srp.py --checkpoint RUN --prompt "..." --method safebeam --num-beams 10
+    python tools/sample_srp.py --checkpoint RUN --prompt "..." --method guarded --segment-tokens 256
 
 --checkpoint is a run directory (its latest complete checkpoint is used) or one iter_N directory.
 """
@@ -28,20 +31,47 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--no-stop-at-eod", dest="stop_at_eod", action="store_false",
                         help="keep generating past the end-of-document token")
+    parser.add_argument("--method", choices=("sample", "beam", "safebeam", "guarded"),
+                        default="sample",
+                        help="sample: greedy/top-k/top-p (the options above); beam; safebeam; "
+                             "guarded: sampling with reflection checks (default: %(default)s)")
+    parser.add_argument("--num-beams", type=int, default=10,
+                        help="beam and safebeam (default: %(default)s)")
+    parser.add_argument("--top-n", type=int, default=2,
+                        help="safebeam: candidates per beam (default: %(default)s)")
+    parser.add_argument("--drop-fraction", type=float, default=0.5,
+                        help="safebeam: share of candidates pruned by look-ahead "
+                             "(default: %(default)s)")
+    parser.add_argument("--boundary", choices=("budget", "sentence"), default="budget",
+                        help="guarded: reflect every --segment-tokens tokens or at sentence "
+                             "ends (default: %(default)s)")
+    parser.add_argument("--segment-tokens", type=int, default=256,
+                        help="guarded: tokens between reflections, as the data's segmentation "
+                             "budget (default: %(default)s)")
     args = parser.parse_args(argv)
 
     # Imported after argument parsing: Megatron-Core takes seconds to import.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from megatron_srp.inference.sample import (GenerationConfig, generate, load_for_inference,
-                                               shutdown)
+    from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig
+    from megatron_srp.inference.generation import decode
+    from megatron_srp.inference.guarded import GuardConfig
+    from megatron_srp.inference.sample import GenerationConfig, load_for_inference, shutdown
     from megatron_srp.training.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                stop_at_eod=args.stop_at_eod)
+        beam = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                    stop_at_eod=args.stop_at_eod)
+        method = {"sample": lambda: gen, "beam": lambda: BeamConfig(**beam),
+                  "safebeam": lambda: SafeBeamConfig(**beam, top_n=args.top_n,
+                                                     drop_fraction=args.drop_fraction),
+                  "guarded": lambda: GuardConfig(sampling=gen, boundary=args.boundary,
+                                                 segment_tokens=args.segment_tokens)}
+        config = method[args.method]()
     except ValueError as exc:
         parser.error(str(exc))
     prompts = args.prompt if args.prompt else [""]
@@ -55,14 +85,35 @@ def main(argv=None) -> int:
         mode = ("greedy" if gen.temperature == 0 else
                 f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, "
                 f"seed {gen.seed}")
+        if args.method in ("beam", "safebeam"):
+            mode = f"{args.method}, {args.num_beams} beams"
+        elif args.method == "guarded":
+            mode = f"guarded ({args.boundary}), {mode}"
         print(f"# {path} ({cfg.name}, {cfg.model.preset}), {gen.max_new_tokens} new tokens, {mode}")
-        for i, (prompt, text) in enumerate(zip(prompts, generate(model, tokenizer, prompts, gen))):
+        results = decode(model, tokenizer, prompts, config)
+        for i, (prompt, result) in enumerate(zip(prompts, results)):
             # The header names the prompt exactly; the body reads as one text, prompt first.
-            print(f"\n--- sample {i + 1}: prompt {prompt!r} ---\n{prompt}{text}")
+            extra = "" if args.method == "sample" and result.finish != "tag" else \
+                f" [{_describe(result)}]"
+            print(f"\n--- sample {i + 1}: prompt {prompt!r}{extra} ---\n{prompt}{result.text}")
         sys.stdout.flush()
     finally:
         shutdown()
     return 0
+
+
+def _describe(result) -> str:
+    """How an answer ended, for the sample's header."""
+    parts = [f"finish: {result.finish}"]
+    if result.short_circuited:
+        parts.append("short-circuited")
+    if result.category:
+        parts.append(f"category {result.category}")
+    if result.reflections:
+        verdicts = ["?" if r["safe"] is None else ("Safe" if r["safe"] else "Unsafe")
+                    for r in result.reflections]
+        parts.append(f"reflections: {', '.join(verdicts)}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":
