@@ -80,23 +80,34 @@ def _normalised(logp: float, n: int, penalty: float) -> float:
     return logp / (max(n, 1) ** penalty)
 
 
-def _expand(states: list[_Prompt], logprobs: torch.Tensor, cfg: BeamConfig,
-            per_row: int) -> tuple[list[int], list[int], list[float]]:
-    """Candidates ``(parent row, token, summed log-prob)`` of the live prompts, in row order:
-    the ``per_row`` best tokens of every beam."""
+def _candidates(live: list[_Prompt], logprobs: torch.Tensor, per_row: int,
+                limit: Optional[int]) -> list[list[tuple[int, int, float]]]:
+    """Per live prompt, its candidates ``(parent row, token, summed log-prob)`` best first:
+    the ``per_row`` most likely tokens of each of its beams, at most ``limit`` of them."""
     values, tokens = torch.topk(logprobs, per_row, dim=-1)
-    parents, toks, scores = [], [], []
-    row = 0
-    for st in states:
-        if st.done:
-            continue
-        for _, logp in st.beams:
-            for v, t in zip(values[row].tolist(), tokens[row].tolist()):
-                parents.append(row)
-                toks.append(t)
-                scores.append(logp + v)
-            row += 1
-    return parents, toks, scores
+    beam_logp = torch.tensor([lp for st in live for _, lp in st.beams], device=values.device)
+    scores = values + beam_logp.unsqueeze(1)
+    counts = [len(st.beams) for st in live]
+    starts = [sum(counts[:p]) for p in range(len(live))]
+    width = max(counts) * per_row
+    if all(c == counts[0] for c in counts):
+        padded = scores.reshape(len(live), width)
+    else:
+        padded = scores.new_full((len(live), width), float("-inf"))
+        for p, (start, n) in enumerate(zip(starts, counts)):
+            padded[p, :n * per_row] = scores[start:start + n].reshape(-1)
+    top_v, top_i = padded.topk(width if limit is None else min(limit, width), dim=-1)
+    top_v, top_i, token_list = top_v.tolist(), top_i.tolist(), tokens.tolist()
+    out = []
+    for p, start in enumerate(starts):
+        cands = []
+        for v, i in zip(top_v[p], top_i[p]):
+            if v == float("-inf"):
+                break
+            row = start + i // per_row
+            cands.append((row, token_list[row][i % per_row], v))
+        out.append(cands)
+    return out
 
 
 def _choose(st: _Prompt, order: list[int], toks: list[int], scores: list[float],
@@ -148,14 +159,18 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
         states = [_Prompt(beams=[([], 0.0)], finished=[]) for _ in contexts]
         for step in range(cfg.max_new_tokens):
             logprobs = torch.log_softmax(logits, dim=-1)
-            first = step == 0
             if safe:
-                per_row = cfg.num_beams * cfg.top_n if first else cfg.top_n
+                per_row = cfg.num_beams * cfg.top_n if step == 0 else cfg.top_n
             else:
                 per_row = 2 * cfg.num_beams
             per_row = min(per_row, logprobs.size(-1))
-            parents, toks, scores = _expand(states, logprobs, cfg, per_row)
-            row_ids = [ids for st in states if not st.done for ids, _ in st.beams]
+            live = [i for i, st in enumerate(states) if not st.done]
+            per_prompt = _candidates([states[i] for i in live], logprobs, per_row,
+                                     None if safe else 2 * cfg.num_beams)
+            flat = [c for cands in per_prompt for c in cands]
+            parents, toks, scores = ([c[0] for c in flat], [c[1] for c in flat],
+                                     [c[2] for c in flat])
+            row_ids = [ids for i in live for ids, _ in states[i].beams]
             parents_ids = [row_ids[p] for p in parents]
             look = None
             if safe:
@@ -166,21 +181,17 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             last = step == cfg.max_new_tokens - 1
             keep: list[int] = []
             start = 0
-            for i, st in enumerate(states):
-                if st.done:
-                    continue
-                n = len(st.beams) * per_row
-                span = list(range(start, start + n))
-                start += n
+            for i, cands in zip(live, per_prompt):
+                span = list(range(start, start + len(cands)))  # best first
+                start += len(cands)
                 if safe:
                     pruned = set(sorted(span, key=lambda c: -tag_prob[c])
-                                 [:math.ceil(cfg.drop_fraction * n)])
+                                 [:math.ceil(cfg.drop_fraction * len(span))])
                     span = [c for c in span if c not in pruned]
                     if trace is not None:
                         trace.append({"prompt": i, "step": step, "pruned": [
                             parents_ids[c] + [toks[c]] for c in sorted(pruned)]})
-                order = sorted(span, key=lambda c: -scores[c])
-                keep += _choose(st, order, toks, scores, parents_ids, stops, cfg, last)
+                keep += _choose(states[i], span, toks, scores, parents_ids, stops, cfg, last)
             if not keep:
                 break
             if safe:

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_srp.training import compat
+
 
 class CacheFullError(ValueError):
     """More positions than the cache was sized for (the model's context length)."""
@@ -95,8 +97,9 @@ class KVCache:
         if bool(padding.any()):
             mask = padding[:, None, None, :].expand(b, 1, n, end)
         self.context.materialize_only_last_token_logits = not all_logits
-        out = self.model(tokens, position_ids, mask, inference_context=self.context,
-                         runtime_gather_output=True)
+        with compat.device_clean():
+            out = self.model(tokens, position_ids, mask, inference_context=self.context,
+                             runtime_gather_output=True)
         self.context.sequence_len_offset = end
         # [b, s, padded vocab] -> real ids only (the output layer is padded to a multiple of 128).
         logits = out[..., :self.vocab_size].float()

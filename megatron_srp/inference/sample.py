@@ -248,14 +248,25 @@ def _next_tokens(logits: torch.Tensor, gen: GenerationConfig,
                  generators: Sequence[torch.Generator], active: torch.Tensor) -> torch.Tensor:
     """One token id per row of fp32 logits [b, v]. Only ``active`` rows draw from their
     generator, so a row's samples do not depend on how long the other prompts are."""
-    greedy = torch.argmax(logits, dim=-1)
-    if gen.temperature == 0:
-        return greedy
-    probs = torch.softmax(filter_logits(logits / gen.temperature, gen.top_k, gen.top_p), dim=-1)
-    out = greedy.clone()
-    for i in torch.nonzero(active).flatten().tolist():
-        out[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
-    return out
+    with compat.device_clean():
+        greedy = torch.argmax(logits, dim=-1)
+        if gen.temperature == 0:
+            return greedy
+        rows = torch.nonzero(active).flatten()
+        if rows.numel() == 0:
+            return greedy
+        probs = torch.softmax(filter_logits(logits[rows] / gen.temperature, gen.top_k,
+                                            gen.top_p), dim=-1)
+        # Inverse-CDF sampling: one uniform number per row from the row's own stream, then
+        # one batched search (a multinomial call per row costs far more).
+        u = torch.stack([torch.rand((), generator=generators[i], device=logits.device)
+                         for i in rows.tolist()])
+        cdf = probs.cumsum(dim=-1)
+        target = (u.clamp_min(1e-12) * cdf[:, -1]).unsqueeze(1)
+        drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.size(-1) - 1)
+        out = greedy.clone()
+        out[rows] = drawn
+        return out
 
 
 def _decode_continuation(tokenizer: SRPTokenizer, prompt_ids: list[int],

@@ -25,6 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
+_MODE: Optional["_CudaToCpu"] = None  # the active device-rewriting mode on a CPU machine
 
 
 def has_cuda() -> bool:
@@ -261,5 +262,24 @@ def install() -> None:
     # did not move inside a fork fires on every fork; drop that one message.
     logging.getLogger(mcore_random.__name__).addFilter(
         lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
-    _CudaToCpu().__enter__()
+    global _MODE
+    _MODE = _CudaToCpu()
+    _MODE.__enter__()
     _INSTALLED = True
+
+
+@contextlib.contextmanager
+def device_clean():
+    """Run a block without the CUDA-to-CPU rewriting of every torch call.
+
+    The rewriting costs a Python call per torch op. Megatron's inference forward pass asks only
+    ``torch.cuda.current_device()`` (patched above) for its buffers, so generation runs its
+    forward passes in this block, a third faster on a small model. No-op on a GPU.
+    """
+    from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
+
+    if _MODE is None or _get_current_function_mode() is not _MODE:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
