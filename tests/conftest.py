@@ -29,3 +29,19 @@ def shakespeare_dataset(shared_data: Path, tmp_path_factory) -> str:
     preprocess([shared_data / "tinyshakespeare" / "input.txt"], prefix,
                SRPTokenizer.from_dir(default_tokenizer_dir()), workers=2, progress=False)
     return str(prefix)
+
+
+@pytest.fixture(scope="session")
+def inference_checks(tmp_path_factory) -> dict:
+    """The measurements of tests/_inference_child.py (generation, reflection reading,
+    activations) on a real Megatron model, computed once in a process of their own."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("inference") / "checks.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "tests/_inference_child.py", str(out)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(out.read_text())

@@ -1,29 +1,16 @@
 """KV-cache generation, beam search, SafeBeam and reflection-guarded decoding on a real
-Megatron model (tests/_generation_child.py runs the checks in a process of its own)."""
+Megatron model (tests/_inference_child.py runs the checks in a process of its own)."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig
 from megatron_srp.inference.guarded import GuardConfig
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("generation") / "checks.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "tests/_generation_child.py", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(out.read_text())
+def checks(inference_checks) -> dict:
+    return inference_checks
 
 
 def test_kv_cache_logits_match_recomputation(checks):
@@ -104,3 +91,15 @@ def test_configs_reject_impossible_settings():
         SafeBeamConfig(drop_fraction=1.0)
     with pytest.raises(ValueError, match="boundary"):
         GuardConfig(boundary="paragraph")
+
+
+def test_reflection_accuracy_scores_the_models_own_reflections(checks):
+    ra = checks["reflection_accuracy"]
+    # The model reflects Unsafe: S2 on long segments; its Safe label is left malformed, which
+    # counts as not flagging.
+    assert ra["right"] == {"accuracy": 1.0, "auc": 1.0, "malformed": 3,
+                           "category_accuracy_on_flagged": 1.0}
+    assert ra["wrong"] == {"accuracy": 0.0, "auc": 0.0}
+    # Few-shot: a model that always answers " Unsafe" flags everything.
+    assert ra["few_shot"] == {"accuracy": 0.5, "n": 6, "shots": 2}
+    assert ra["few_shot_unsafe_recall"] == 1.0

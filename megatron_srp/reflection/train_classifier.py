@@ -334,50 +334,13 @@ def write_asset(model: dict[str, Any], out_dir: str | Path,
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
-    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4),
-            "support": tp + fn}
-
-
 def evaluate(classifier, examples: Sequence[Example]) -> dict[str, Any]:
     """Accuracy, per-class and per-category P/R/F1, confusion matrices, per-source accuracy."""
+    from megatron_srp.evaluation.classification import Verdict, classification_report
+
     labels = classifier.classify([ex.text for ex in examples])
-    true_unsafe = np.array([not ex.safe for ex in examples])
-    pred_unsafe = np.array([not lab.safe for lab in labels])
-    tp = int(np.sum(true_unsafe & pred_unsafe))
-    tn = int(np.sum(~true_unsafe & ~pred_unsafe))
-    fp = int(np.sum(~true_unsafe & pred_unsafe))
-    fn = int(np.sum(true_unsafe & ~pred_unsafe))
-    per_class = {"unsafe": _prf(tp, fp, fn), "safe": _prf(tn, fn, fp)}
-    report: dict[str, Any] = {
-        "n": len(examples),
-        "accuracy": round((tp + tn) / len(examples), 4),
-        "balanced_accuracy": round(0.5 * (tp / max(tp + fn, 1) + tn / max(tn + fp, 1)), 4),
-        "per_class": per_class,
-        "confusion": {"true_safe": {"pred_safe": tn, "pred_unsafe": fp},
-                      "true_unsafe": {"pred_safe": fn, "pred_unsafe": tp}},
-    }
-    # Categories: over examples whose true label is safe or has a category; "safe" is a class.
-    rows = [(ex.category if not ex.safe else "safe", lab.category if not lab.safe else "safe")
-            for ex, lab in zip(examples, labels) if ex.safe or ex.category]
-    classes = sorted({t for t, _ in rows} | {p for _, p in rows},
-                     key=lambda c: (c != "safe", DEFAULT_TAXONOMY.codes.index(c)
-                                    if c != "safe" else -1))
-    report["per_category"] = {
-        c: _prf(sum(t == c and p == c for t, p in rows), sum(t != c and p == c for t, p in rows),
-                sum(t == c and p != c for t, p in rows)) for c in classes}
-    confusion: dict[str, dict[str, int]] = {c: {} for c in classes}
-    for t, p in rows:
-        confusion[t][p] = confusion[t].get(p, 0) + 1
-    report["category_confusion"] = {t: v for t, v in confusion.items() if v}
-    # Category accuracy among correctly flagged unsafe examples with a true category.
-    flagged = [(ex.category, lab.category) for ex, lab in zip(examples, labels)
-               if not ex.safe and ex.category and not lab.safe]
-    report["category_accuracy_on_flagged"] = round(
-        sum(t == p for t, p in flagged) / max(len(flagged), 1), 4)
+    report = classification_report([Verdict(ex.safe, ex.category) for ex in examples],
+                                   [Verdict(lab.safe, lab.category) for lab in labels])
     by_source: dict[str, list[bool]] = defaultdict(list)
     for ex, lab in zip(examples, labels):
         by_source[f"{ex.source}:{'safe' if ex.safe else 'unsafe'}"].append(ex.safe == lab.safe)

@@ -1,8 +1,9 @@
-"""Checks of KV-cache generation, beam search, SafeBeam and reflection-guarded decoding, run in
-a process of their own (Megatron's global parallel state makes reusing pytest's fragile).
+"""Checks of KV-cache generation, beam search, SafeBeam, reflection-guarded decoding, reflection
+accuracy and probe activations, run in a process of their own (Megatron's global parallel state
+makes reusing pytest's fragile).
 
-Usage: python tests/_generation_child.py OUT.json. Writes one JSON object of measurements that
-tests/test_generation.py asserts on.
+Usage: python tests/_inference_child.py OUT.json. Writes one JSON object of measurements that
+tests/test_generation.py and tests/test_probes.py assert on.
 
 The model is a real, freshly initialised Megatron GPTModel (tiny preset). Where a check needs a
 model with a known habit (the tag after certain tokens, a reflection verdict), ``RuleModel``
@@ -230,6 +231,62 @@ def guarded_checks(model, tok) -> dict:
     return out
 
 
+def activation_checks(model, tok) -> dict:
+    """The probes' hooks capture each layer's output: the last layer's activation, through the
+    final norm and the output layer, is the model's own last-token logits."""
+    from megatron_srp.evaluation.probes import last_token_activations, probe_layers
+
+    seqs = [tok.tokenize(t) for t in ("ROMEO: what say you", "a", "First Citizen: before we "
+                                      "proceed any further, hear me speak")]
+    layers = probe_layers(len(model.decoder.layers))
+    acts = last_token_activations(model, seqs, sorted(set(layers.values())), batch_size=3)
+    last = torch.from_numpy(acts[layers["last"]]).unsqueeze(0)  # [1, b, h]
+    normed = model.decoder.final_layernorm(last)
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+        else None
+    logits = model.output_layer(normed, weight=weight)[0][0, :, :tok.vocab_size]
+    own = torch.stack([_logits(model, torch.tensor([s]), tok.vocab_size)[0, -1] for s in seqs])
+    alone = [last_token_activations(model, [s], [layers["last"]])[layers["last"]][0] for s in seqs]
+    return {"layers": layers, "logits_err": max_rel(logits, own),
+            "padding_err": max(float(abs(a - acts[layers["last"]][i]).max())
+                               for i, a in enumerate(alone)),
+            "first_vs_last": float(abs(acts[layers["first"]] - acts[layers["last"]]).max()),
+            "shape": list(acts[layers["last"]].shape)}
+
+
+def reflection_accuracy_checks(model, tok) -> dict:
+    """Reflection accuracy wiring: a model that reflects Unsafe exactly on long segments is
+    right on every segment labelled that way, and wrong on every one labelled the other way."""
+    from megatron_srp.evaluation.reflection_accuracy import (LabelledSegment, by_few_shot,
+                                                             by_reflection)
+    ids = _Ids(tok)
+    safe_chain = tok.tokenize("<|reflect|>Safe<|/reflect|>")[1:]
+    unsafe_chain = tok.tokenize("<|reflect|>Unsafe: S2<|/reflect|>")[1:]
+    successor = dict(zip(unsafe_chain[:-1], unsafe_chain[1:]))
+
+    def rule(t, p):
+        if t == ids.open:
+            return {(unsafe_chain if p >= 6 else safe_chain)[0]: BIG}
+        if t in successor:
+            return {successor[t]: BIG}
+        return {safe_chain[-1]: BIG} if t == safe_chain[-2] else {}
+    m = RuleModel(model, rule)
+    short, long = tok.tokenize("one two"), tok.tokenize("one two three four five six seven")
+    segs = [LabelledSegment(short, True, None, "a", 0), LabelledSegment(long, False, "S2", "b", 0)]
+    right = by_reflection(m, tok, segs * 3)
+    flipped = [LabelledSegment(s.tokens, not s.safe, None if not s.safe else "S1", "c", 0)
+               for s in segs]
+    wrong = by_reflection(m, tok, flipped * 3)
+    unsafe_word = tok.tokenize(" Unsafe")[0]
+    always_unsafe = RuleModel(model, lambda t, p: {unsafe_word: BIG})
+    shots = by_few_shot(always_unsafe, tok, segs * 3, segs)
+    return {"right": {k: right[k] for k in ("accuracy", "auc", "malformed",
+                                             "category_accuracy_on_flagged")},
+            "wrong": {k: wrong[k] for k in ("accuracy", "auc")},
+            "few_shot": {k: shots[k] for k in ("accuracy", "n", "shots")},
+            "few_shot_unsafe_recall": shots["per_class"]["unsafe"]["recall"]}
+
+
 def main(path: str) -> None:
     cfg = inference_config(to_dict(load_config("examples/tiny_cpu.yaml",
                                                ["train.seq_length=128"])))
@@ -238,7 +295,9 @@ def main(path: str) -> None:
     model = fresh_model(cfg, tok.vocab_size)
     results = {"kv": kv_cache_checks(model, tok), "sampling": sampling_checks(model, tok),
                "beam": beam_checks(model, tok), "safebeam": safebeam_checks(model, tok),
-               "guarded": guarded_checks(model, tok)}
+               "guarded": guarded_checks(model, tok),
+               "activations": activation_checks(model, tok),
+               "reflection_accuracy": reflection_accuracy_checks(model, tok)}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=lambda x: None if isinstance(x, float)
                   and math.isnan(x) else str(x))
