@@ -75,7 +75,9 @@ def test_segments_come_from_the_sidecar(world, tmp_path) -> None:
     statement = next(s for s in segs if "toxigen" in s.doc_id)
     file, line = statement.doc_id.rsplit(":", 1)
     record = json.loads(Path(file).read_text(encoding="utf-8").splitlines()[int(line) - 1])
-    assert tok.detokenize(statement.tokens).strip() == record["text"].strip()
+    # It starts its document, so the end-of-document token comes first, as in training.
+    assert statement.tokens[0] == tok.eod
+    assert tok.detokenize(statement.tokens[1:]).strip() == record["text"].strip()
     whole = load_segments(world["labels"], context="document", max_segments=60, seed=1)
     assert all(w.tokens[-len(s.tokens):] == s.tokens for w, s in zip(whole, segs))
     assert any(len(w.tokens) > len(s.tokens) for w, s in zip(whole, segs))

@@ -69,3 +69,11 @@ def test_recipes_inherit_from_their_base(tmp_path):
     (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="no such file: .*nowhere.yaml"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_evaluation_examples_load() -> None:
+    from megatron_srp.evaluation.suite import load_eval_config
+
+    for path in sorted((EXAMPLES[0].parent / "eval").glob("*.yaml")):
+        cfg = load_eval_config(path)
+        assert cfg.checkpoints and cfg.data.labels, path

@@ -51,9 +51,11 @@ def load_segments(prefix: str | Path, context: str = "segment", max_segments: Op
     """The labelled segments of a preprocessed dataset.
 
     ``context``: ``"segment"`` gives each segment's own tokens; ``"document"`` the document up
-    to the segment's end (earlier reflections included, in an SRP dataset). Segments without
-    tokens in this dataset (filtered out, or rewritten) are skipped. With ``max_segments``, a
-    seeded sample that holds as many unsafe as safe segments where it can.
+    to the segment's end (earlier reflections included, in an SRP dataset). Text that starts a
+    document is preceded by the end-of-document token, as in training, where the previous
+    document's end comes before it. Segments without tokens in this dataset (filtered out, or
+    rewritten) are skipped. With ``max_segments``, a seeded sample that holds as many unsafe as
+    safe segments where it can.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -80,6 +82,7 @@ def load_segments(prefix: str | Path, context: str = "segment", max_segments: Op
                 rows.append((line_no, row))
     if max_segments is not None and len(rows) > max_segments:
         rows = _balanced_sample(rows, max_segments, seed)
+    eod = dataset_tokenizer(prefix).eod
     dataset = IndexedDataset(prefix)
     out = []
     for line_no, row in rows:
@@ -90,10 +93,21 @@ def load_segments(prefix: str | Path, context: str = "segment", max_segments: Op
                              f"not in {prefix}.bin (a sidecar of another dataset?)")
         first = start if context == "segment" else 0
         ids = dataset.get(doc, offset=first, length=end - first).tolist()
-        out.append(LabelledSegment(tokens=ids, safe=row["label"] == "safe",
+        out.append(LabelledSegment(tokens=([eod] if first == 0 else []) + ids, safe=row["label"] == "safe",
                                    category=row.get("category"), doc_id=str(row.get("doc_id")),
                                    segment=int(row.get("segment", 0))))
     return out
+
+
+def dataset_tokenizer(prefix: str | Path):
+    """The tokenizer a preprocessed dataset was written with (``<prefix>.tokenizer/``)."""
+    from megatron_srp.data.tokenizer import SRPTokenizer
+
+    path = Path(str(prefix) + ".tokenizer")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist: the dataset's tokenizer is needed to "
+                                f"read its ids")
+    return SRPTokenizer.from_dir(path)
 
 
 def _balanced_sample(rows: list, n: int, seed: int) -> list:

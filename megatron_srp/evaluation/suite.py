@@ -117,10 +117,11 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
 class _Checkpoint:
     """A checkpoint's units; the model is loaded on first need and dropped after."""
 
-    def __init__(self, spec: CheckpointSpec, cfg: EvalConfig) -> None:
+    def __init__(self, spec: CheckpointSpec, cfg: EvalConfig, fingerprint: str) -> None:
         from megatron_srp.training import checkpoint as ckpt
 
         self.spec = spec
+        self.fingerprint = fingerprint
         self.path = ckpt.resolve_checkpoint(spec.path)
         self.dir = Path(cfg.out_dir) / "units" / spec.name
         self.loaded: Optional[tuple] = None
@@ -129,6 +130,10 @@ class _Checkpoint:
         if self.loaded is None:
             from megatron_srp.inference.sample import load_for_inference
             self.loaded = load_for_inference(self.path)
+            if self.loaded[1].fingerprint != self.fingerprint:
+                raise ConfigError("data.labels", f"checkpoint {self.spec.name} ({self.path}) uses "
+                                  f"tokenizer {self.loaded[1].fingerprint}, the labelled dataset "
+                                  f"{self.fingerprint}: its token ids mean nothing to the model")
         return self.loaded
 
     def release(self) -> None:
@@ -160,7 +165,7 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True,
     """Compute every missing unit, then rebuild the report; returns the results."""
     from tqdm import tqdm
 
-    from megatron_srp.evaluation.reflection_accuracy import load_segments
+    from megatron_srp.evaluation.reflection_accuracy import dataset_tokenizer, load_segments
 
     segments = load_segments(cfg.data.labels, cfg.data.context, cfg.data.max_segments,
                              cfg.data.seed)
@@ -168,11 +173,12 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True,
         raise ConfigError("data.labels", f"{cfg.data.labels}: no labelled segments with tokens")
     unsafe = sum(not s.safe for s in segments)
     log(f"{len(segments)} labelled segments ({unsafe} unsafe) from {cfg.data.labels}")
+    fingerprint = dataset_tokenizer(cfg.data.labels).fingerprint
     units = _units(cfg)
     done = skipped = 0
     bar = tqdm(total=len(units) * len(cfg.checkpoints), desc="units", disable=not progress)
     for spec in cfg.checkpoints:
-        ck = _Checkpoint(spec, cfg)
+        ck = _Checkpoint(spec, cfg, fingerprint)
         for unit in units:
             stamp = _stamp(str(ck.path.resolve()), asdict(cfg.data), unit,
                            _unit_settings(unit, cfg))
