@@ -156,6 +156,10 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
     model.eval()
     try:
         logits = cache.prefill(tokens, padding)
+        # The cache row that holds each live beam, in beam order. SafeBeam leaves the rows of
+        # its look-ahead pass in place and only remembers which of them survived, so each of
+        # its steps copies the cache once, like beam search.
+        cache_rows = list(range(len(contexts)))
         states = [_Prompt(beams=[([], 0.0)], finished=[]) for _ in contexts]
         for step in range(cfg.max_new_tokens):
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -175,7 +179,7 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             look = None
             if safe:
                 # Feed every candidate: the tag's probability after it, and the next logits.
-                cache.select(parents)
+                cache.select([cache_rows[p] for p in parents])
                 look = cache.extend(torch.tensor(toks, device=dev).unsqueeze(1))
                 tag_prob = torch.softmax(look, dim=-1)[:, tag].tolist()
             last = step == cfg.max_new_tokens - 1
@@ -195,10 +199,11 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             if not keep:
                 break
             if safe:
-                cache.select(keep)
+                cache_rows = keep
                 logits = look[keep]
             else:
-                cache.select([parents[c] for c in keep])
+                cache.select([cache_rows[parents[c]] for c in keep])
+                cache_rows = list(range(len(keep)))
                 logits = cache.extend(torch.tensor([toks[c] for c in keep],
                                                    device=dev).unsqueeze(1))
     finally:
