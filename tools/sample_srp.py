@@ -95,7 +95,9 @@ def main(argv=None) -> int:
             # The header names the prompt exactly; the body reads as one text, prompt first.
             extra = "" if args.method == "sample" and result.finish != "tag" else \
                 f" [{_describe(result)}]"
-            print(f"\n--- sample {i + 1}: prompt {prompt!r}{extra} ---\n{prompt}{result.text}")
+            # A short-circuited answer replaces the continuation: it goes on a line of its own.
+            body = f"{prompt}\n{result.text}" if result.short_circuited else prompt + result.text
+            print(f"\n--- sample {i + 1}: prompt {prompt!r}{extra} ---\n{body}")
         sys.stdout.flush()
     finally:
         shutdown()

@@ -1,6 +1,7 @@
 """The evaluation report, rebuilt from finished units: ``results.json``, ``report.md``, plots.
 
-``reflection_accuracy.png``: accuracy and AUC of each reflection-accuracy method per checkpoint.
+``reflection_accuracy.png``: balanced accuracy and AUC of each reflection-accuracy method per
+checkpoint (balanced, so that a model that calls everything safe sits at 0.5).
 ``probe_auc.png``: probe test AUC (mean, with the standard deviation over seeds as error bars)
 for the first, middle and last layer, one line per checkpoint.
 """
@@ -79,12 +80,14 @@ def plot(results: dict[str, dict[str, Any]], out_dir: Path) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         width = 0.8 / len(methods)
         for k, unit in enumerate(methods):
-            for ax, key in zip(axes, ("accuracy", "auc")):
-                values = [results[n].get(unit, {}).get(key) for n in names]
+            for ax, key in zip(axes, ("balanced_accuracy", "auc")):
+                # A probe is tested on balanced data: its accuracy is a balanced accuracy.
+                values = [results[n].get(unit, {}).get(key, results[n].get(unit, {}).get(
+                    "accuracy") if key == "balanced_accuracy" else None) for n in names]
                 xs = [i + k * width for i in range(len(names))]
                 ax.bar(xs, [v if v is not None else 0 for v in values], width,
                        label=unit.removeprefix("reflection_"))
-        for ax, title in zip(axes, ("accuracy", "AUC of P(unsafe)")):
+        for ax, title in zip(axes, ("balanced accuracy", "AUC of P(unsafe)")):
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
             ax.set_ylim(0, 1)
             ax.set_title(title)
