@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def test_bad_sidecars_are_named(world, tmp_path) -> None:
     prefix = tmp_path / "copy"
     for ext in (".bin", ".idx"):
         (tmp_path / f"copy{ext}").write_bytes(Path(str(world["labels"]) + ext).read_bytes())
+    shutil.copytree(str(world["labels"]) + ".tokenizer", tmp_path / "copy.tokenizer")
     lines = Path(str(world["labels"]) + ".labels.jsonl").read_text().splitlines()
     (tmp_path / "copy.labels.jsonl").write_text("\n".join(lines[:3] + ["{oops"] + lines[3:]))
     with pytest.raises(LabelError, match=r"copy\.labels\.jsonl:4"):
@@ -100,6 +102,10 @@ def test_bad_sidecars_are_named(world, tmp_path) -> None:
         load_segments(prefix)
     with pytest.raises(FileNotFoundError, match="nothing.labels.jsonl"):
         load_segments(tmp_path / "nothing")
+    shutil.rmtree(tmp_path / "copy.tokenizer")
+    (tmp_path / "copy.labels.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FileNotFoundError, match="copy.tokenizer does not exist"):
+        load_segments(prefix)
 
 
 def test_config_errors_name_the_key(world, tmp_path) -> None:
