@@ -64,6 +64,7 @@ class KVCache:
             raise RuntimeError("extend() before prefill()")
         return self._forward(tokens, all_logits)
 
+    @torch.inference_mode()
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep (and reorder, or repeat) the given rows: a beam search's surviving candidates,
         or the rows still generating. Only the filled part of the cache is copied."""
@@ -97,7 +98,7 @@ class KVCache:
         if bool(padding.any()):
             mask = padding[:, None, None, :].expand(b, 1, n, end)
         self.context.materialize_only_last_token_logits = not all_logits
-        with compat.device_clean():
+        with compat.device_clean(), torch.inference_mode():
             out = self.model(tokens, position_ids, mask, inference_context=self.context,
                              runtime_gather_output=True)
         self.context.sequence_len_offset = end
