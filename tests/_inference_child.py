@@ -251,7 +251,27 @@ def activation_checks(model, tok) -> dict:
             "padding_err": max(float(abs(a - acts[layers["last"]][i]).max())
                                for i, a in enumerate(alone)),
             "first_vs_last": float(abs(acts[layers["first"]] - acts[layers["last"]]).max()),
-            "shape": list(acts[layers["last"]].shape)}
+            "middle_vs_others": min(float(abs(acts[layers["middle"]] - acts[layers[k]]).max())
+                                    for k in ("first", "last")),
+            "shape": list(acts[layers["last"]].shape), **_activation_edge_checks(model, tok)}
+
+
+def _activation_edge_checks(model, tok) -> dict:
+    """A long sequence keeps its last max_sequence_length tokens, an empty one is named in the
+    error, and no hook is left on the layers afterwards (also after that error)."""
+    from megatron_srp.evaluation.probes import last_token_activations
+
+    window, last = int(model.max_sequence_length), len(model.decoder.layers) - 1
+    long = (tok.tokenize("to be or not to be, that is the question. ") * 64)[:window + 37]
+    both = last_token_activations(model, [long, long[-window:]], [last], progress=True)[last]
+    try:
+        last_token_activations(model, [long[:5], []], [last])
+        empty_error = None
+    except ValueError as exc:
+        empty_error = str(exc)
+    hooks_left = sum(len(layer._forward_hooks) for layer in model.decoder.layers)
+    return {"truncation_err": float(abs(both[0] - both[1]).max()), "long_len": len(long),
+            "empty_error": empty_error, "hooks_left": hooks_left}
 
 
 def reflection_accuracy_checks(model, tok) -> dict:

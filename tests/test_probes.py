@@ -69,3 +69,12 @@ def test_activations_are_the_models_own(inference_checks) -> None:
     assert acts["logits_err"] < 1e-5
     assert acts["padding_err"] < 1e-5  # right padding in a batch changes nothing
     assert acts["first_vs_last"] > 1e-3 and acts["shape"] == [3, 128]
+    assert acts["middle_vs_others"] > 1e-3  # 4 layers: first 0, middle 2, last 3
+
+
+def test_long_and_empty_sequences_and_hooks(inference_checks) -> None:
+    acts = inference_checks["activations"]
+    assert acts["long_len"] > 128  # longer than the model's window
+    assert acts["truncation_err"] < 1e-5  # ...so only its last 128 tokens count
+    assert acts["empty_error"] is not None and "sequence 1" in acts["empty_error"]
+    assert acts["hooks_left"] == 0
