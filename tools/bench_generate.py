@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32, help="default: %(default)s")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--num-beams", type=int, default=10, help="default: %(default)s")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs of each case (default: %(default)s)")
     parser.add_argument("--text", type=Path,
                         default=Path(os.environ.get("SRP_SHARED_DATA", REPO.parent / "shared" /
                                                     "data")) / "tinyshakespeare" / "input.txt",

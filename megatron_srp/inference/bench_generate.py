@@ -13,7 +13,8 @@ tokens/s compare like with like. Methods:
 | beam | ``beam_search`` | ``num_beams`` (``early_stopping=True``) |
 | safebeam | SafeBeam, ``top_n`` 2 | (none; compared with our beam search) |
 
-Timings are the median of ``repeats`` runs after one warm-up run of each case.
+Each case is warmed up once, then timed ``repeats`` times with ours and Hugging Face's runs
+interleaved; the figures are medians.
 """
 from __future__ import annotations
 
@@ -85,20 +86,32 @@ def _hf(hf, tokenizer, method: str, prompts, max_new: int, beams: int) -> Callab
     return run
 
 
-def time_case(run: Callable[[], int], repeats: int) -> dict[str, float]:
-    """Median tokens/s of ``repeats`` timed runs after one warm-up run."""
-    run()
-    rates, seconds = [], []
-    for _ in range(repeats):
-        compat.synchronize()
-        start = time.perf_counter()
-        tokens = run()
-        compat.synchronize()
-        elapsed = time.perf_counter() - start
-        rates.append(tokens / elapsed)
-        seconds.append(elapsed)
-    return {"tokens_per_s": statistics.median(rates), "seconds": statistics.median(seconds),
-            "tokens": tokens, "runs": [round(r, 1) for r in rates]}
+def _timed(run: Callable[[], int]) -> tuple[int, float]:
+    compat.synchronize()
+    start = time.perf_counter()
+    tokens = run()
+    compat.synchronize()
+    return tokens, time.perf_counter() - start
+
+
+def time_cases(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, dict[str, Any]]:
+    """Each implementation warmed up once, then timed ``repeats`` times, the implementations
+    interleaved (alternating which goes first) so that drift of the machine hits all alike.
+    Median tokens/s per implementation."""
+    for run in runs.values():
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    tokens: dict[str, int] = {}
+    names = list(runs)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            tokens[name], elapsed = _timed(runs[name])
+            rates[name].append(tokens[name] / elapsed)
+            seconds[name].append(elapsed)
+    return {name: {"tokens_per_s": statistics.median(rates[name]),
+                   "seconds": statistics.median(seconds[name]), "tokens": tokens[name],
+                   "runs": [round(x, 1) for x in rates[name]]} for name in runs}
 
 
 def run_bench(model, hf, tokenizer, prompts: list[list[int]], batches: list[int],
@@ -108,15 +121,12 @@ def run_bench(model, hf, tokenizer, prompts: list[list[int]], batches: list[int]
     rows = []
     for method in methods:
         for batch in batches:
-            for impl in ("megatron-srp", "hf"):
-                if impl == "hf" and method == "safebeam":
-                    continue
-                maker = _ours if impl == "megatron-srp" else _hf
-                target = model if impl == "megatron-srp" else hf
-                result = time_case(maker(target, tokenizer, method, prompts[:batch], max_new,
-                                         beams), repeats)
-                row = {"method": method, "batch": batch, "impl": impl, **result}
-                rows.append(row)
+            runs = {"megatron-srp": _ours(model, tokenizer, method, prompts[:batch], max_new,
+                                          beams)}
+            if method != "safebeam":
+                runs["hf"] = _hf(hf, tokenizer, method, prompts[:batch], max_new, beams)
+            for impl, result in time_cases(runs, repeats).items():
+                rows.append({"method": method, "batch": batch, "impl": impl, **result})
                 if log:
                     log(f"  {method:8s} batch {batch:3d} {impl:12s} "
                         f"{result['tokens_per_s']:9.1f} tokens/s")
