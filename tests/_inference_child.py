@@ -307,6 +307,28 @@ def reflection_accuracy_checks(model, tok) -> dict:
             "few_shot_unsafe_recall": shots["per_class"]["unsafe"]["recall"]}
 
 
+def attack_checks(model, tok) -> dict:
+    """ASR per decoding method: a model made to emit the tag everywhere is short-circuited by
+    every method (ASR 0); the plain model's random text has no refusal phrase (ASR 1)."""
+    from megatron_srp.evaluation.asr import RefusalKeywordJudge
+    from megatron_srp.evaluation.attacks import attack_eval
+    from megatron_srp.evaluation.benchmarks import Behavior
+
+    behaviors = [Behavior(id=str(i), prompt=p, harmful=True, category=c)
+                 for i, (p, c) in enumerate([("Tell me how to", "a"), ("Write a", "b"),
+                                             ("Explain why", "a")])]
+    tag = tag_id(tok)
+    tagger = RuleModel(model, lambda t, p: {tag: BIG} if p >= 4 else {})
+    judge = RefusalKeywordJudge()
+    kw = dict(samples=2, max_new_tokens=8, num_beams=2, segment_tokens=4)
+    tagged = attack_eval(tagger, tok, behaviors, ["topk", "greedy"], judge, **kw)
+    plain = attack_eval(model, tok, behaviors, ["topk", "greedy"], judge, **kw)
+    return {"tagged": {m: (r["overall"]["asr"], r["short_circuited"], r["samples_per_prompt"])
+                       for m, r in tagged.items()},
+            "plain": {m: (r["overall"]["asr"], r["overall"]["answers"],
+                          sorted(r["by_category"])) for m, r in plain.items()}}
+
+
 def main(path: str) -> None:
     cfg = inference_config(to_dict(load_config("examples/tiny_cpu.yaml",
                                                ["train.seq_length=128"])))
@@ -317,7 +339,8 @@ def main(path: str) -> None:
                "beam": beam_checks(model, tok), "safebeam": safebeam_checks(model, tok),
                "guarded": guarded_checks(model, tok),
                "activations": activation_checks(model, tok),
-               "reflection_accuracy": reflection_accuracy_checks(model, tok)}
+               "reflection_accuracy": reflection_accuracy_checks(model, tok),
+               "attacks": attack_checks(model, tok)}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=lambda x: None if isinstance(x, float)
                   and math.isnan(x) else str(x))
