@@ -4,7 +4,6 @@ records are named by file and line; on real GSM8K records."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
