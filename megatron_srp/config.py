@@ -141,6 +141,23 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised finetuning (tools/finetune_srp.py, docs/finetuning.md): chat JSONL with the
+    loss on the answers, from a pretrained checkpoint's weights with a fresh optimizer and LR
+    schedule. ``train.train_iters``, ``train.warmup_iters`` and ``train.lr_decay_iters`` are
+    derived from ``epochs`` and ``warmup_fraction``."""
+
+    pretrained: Optional[str] = None  # run directory or iter_N checkpoint: weights only
+    data: list[str] = field(default_factory=list)  # chat JSONL files (data/chat.py)
+    prompt_key: str = "prompt"  # for {prompt, response} records, e.g. question / answer
+    response_key: str = "response"
+    max_records: Optional[int] = None  # the first N records of the files (e.g. N attack pairs)
+    valid_records: int = 0  # held out (after a seeded shuffle) for a validation loss
+    epochs: float = 1.0
+    warmup_fraction: float = 0.03
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "srp"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,6 +166,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _key_of(exc: OmegaConfBaseException) -> str:
@@ -174,11 +192,15 @@ def _file_layers(path: Path, seen: tuple[Path, ...]) -> list[Any]:
 
 
 def load_config(path: str | os.PathLike | None = None,
-                overrides: list[str] | None = None) -> ExperimentConfig:
+                overrides: list[str] | None = None,
+                inherited: Optional[dict[str, Any]] = None) -> ExperimentConfig:
     """Merge a YAML file (and the chain of ``base:`` files it names) and ``key=value``
-    overrides onto the defaults; types are checked."""
+    overrides onto the defaults; types are checked. ``inherited`` sits between the defaults
+    and the file (finetuning inherits the pretrained run's model this way)."""
     schema = OmegaConf.structured(ExperimentConfig)
     layers = [schema]
+    if inherited:
+        layers.append(OmegaConf.create(inherited))
     if path is not None:
         layers += _file_layers(Path(path), ())
     for item in overrides or []:

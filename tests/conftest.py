@@ -45,3 +45,15 @@ def inference_checks(tmp_path_factory) -> dict:
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(shakespeare_dataset: str, tmp_path_factory) -> Path:
+    """A tiny model pretrained for 20 steps on 2 ranks: the starting point of finetuning and
+    attack tests (a run directory with its tokenizer and latest checkpoint)."""
+    from megatron_srp.training.launch import TINY, run_pretrain
+
+    out = tmp_path_factory.mktemp("tiny_pretrained")
+    run_pretrain(2, [*TINY, f"data.paths=[{shakespeare_dataset}]", f"checkpoint.save={out}",
+                     "train.train_iters=20"])
+    return out

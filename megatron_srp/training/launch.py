@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO_ROOT / "tools" / "pretrain_srp.py")
+FINETUNE = str(REPO_ROOT / "tools" / "finetune_srp.py")
 
 # Small enough for a 2-core CPU machine, big enough to exercise TP, PP and virtual stages.
 TINY = [
@@ -33,9 +34,10 @@ TINY = [
 ]
 
 
-def torchrun_cmd(nproc: int, overrides: list[str]) -> list[str]:
+def torchrun_cmd(nproc: int, overrides: list[str], script: str = PRETRAIN) -> list[str]:
+    """``script``: PRETRAIN or FINETUNE (both take ``[--config FILE] key=value ...``)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", PRETRAIN, *overrides]
+            f"--nproc_per_node={nproc}", script, *overrides]
 
 
 def _env(extra: dict | None) -> dict:
@@ -46,7 +48,8 @@ def _env(extra: dict | None) -> dict:
 
 
 def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
-                 timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+                 timeout: int = 600, check: bool = True, script: str = PRETRAIN
+                 ) -> subprocess.CompletedProcess:
     """Run a training job to completion and clean up every process it left behind.
 
     The job gets its own session and writes to a file, not a pipe: a rank that dies hard
@@ -54,8 +57,8 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
     otherwise hold the pipe open (and live on) after the job ended.
     """
     with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.Popen(torchrun_cmd(nproc, overrides), cwd=REPO_ROOT, env=_env(env),
-                                stdout=log, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(torchrun_cmd(nproc, overrides, script), cwd=REPO_ROOT,
+                                env=_env(env), stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)
@@ -81,9 +84,10 @@ def _kill_group(pgid: int) -> None:
         time.sleep(0.2)
 
 
-def start_pretrain(nproc: int, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
+def start_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
+                   script: str = PRETRAIN) -> subprocess.Popen:
     """Start training in its own process group, so the whole job can be SIGKILLed."""
-    return subprocess.Popen(torchrun_cmd(nproc, overrides), cwd=REPO_ROOT, env=_env(env),
+    return subprocess.Popen(torchrun_cmd(nproc, overrides, script), cwd=REPO_ROOT, env=_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

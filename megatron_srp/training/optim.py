@@ -72,3 +72,10 @@ def connect_schedule_hooks(model: list[DDP], optimizer) -> None:
         config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
         sync = [m.start_grad_sync for m in model]
         config.grad_sync_func = sync[0] if len(model) == 1 else sync
+
+
+def reload_main_params(optimizer) -> None:
+    """After weights were loaded into the model (finetuning from a pretrained checkpoint), copy
+    them into the optimizer's fp32 main parameters, which were taken at construction; a no-op
+    for an fp32 optimizer, whose main parameters are the model's."""
+    optimizer.reload_model_params()

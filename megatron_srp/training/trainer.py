@@ -25,7 +25,9 @@ from megatron_srp.training import checkpoint as ckpt
 from megatron_srp.training import compat, parallel
 from megatron_srp.training.logger import RunLogger
 from megatron_srp.training.metrics import Stopwatch, Throughput
-from megatron_srp.training.optim import build_optimizer, connect_schedule_hooks, wrap_ddp
+from megatron_srp.training.optim import (
+    build_optimizer, connect_schedule_hooks, reload_main_params, wrap_ddp,
+)
 from megatron_srp.training.step import TimedIterator, eval_step, train_step
 from megatron_srp.validation import Platform, resolved_precision, validate
 
@@ -72,6 +74,30 @@ def build_training_state(cfg: ExperimentConfig, vocab_size: int, precision: str,
     return model, optimizer, scheduler
 
 
+class PretrainData:
+    """The pretraining samples: Megatron's GPTDatasets behind the curriculum, and the blend
+    monitor that logs what the run reads. (Finetuning has its own: training/finetune.py.)"""
+
+    def __init__(self, cfg: ExperimentConfig, tokenizer: SRPTokenizer, save_dir: Optional[str]):
+        cache_dir = cfg.data.cache_dir or (str(Path(save_dir) / "data_cache") if save_dir else None)
+        rank0 = dist.get_rank() == 0
+        if rank0:  # rank 0 builds Megatron's index cache; the others then read it
+            self.train, self.valid = build_datasets(cfg, tokenizer, cache_dir)
+        dist.barrier()
+        if not rank0:
+            self.train, self.valid = build_datasets(cfg, tokenizer, cache_dir)
+        self.window = cfg.data.blend_window
+        self.facts: dict = {}
+
+    def monitor(self, consumed: int) -> BlendMonitor:
+        return BlendMonitor(self.train, self.window, consumed)
+
+    def describe(self, monitor: BlendMonitor) -> str:
+        names = dict(zip(self.train.prefixes, monitor.names))
+        return (f"data: {len(self.train):,} training samples in {len(self.train.plans)} "
+                f"phase(s)\n" + phase_summary(self.train.plans, names))
+
+
 def pretrain(cfg: ExperimentConfig, platform: Optional[Platform] = None) -> TrainResult:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     platform = platform or Platform.detect()
@@ -81,14 +107,22 @@ def pretrain(cfg: ExperimentConfig, platform: Optional[Platform] = None) -> Trai
 
     parallel.initialize(cfg)
     try:
-        return _train(cfg, tokenizer, precision, platform)
+        return train_loop(cfg, tokenizer, precision, platform, PretrainData)
     finally:
         ckpt.stop_writer_processes()
         parallel.destroy()
 
 
-def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
-           platform: Platform) -> TrainResult:
+def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
+               platform: Platform, make_data, init_weights: Optional[Path] = None
+               ) -> TrainResult:
+    """Build, resume, train, evaluate and save: the loop pretraining and finetuning share.
+
+    ``make_data(cfg, tokenizer, save_dir)`` gives the samples (``.train``, ``.valid``, a
+    ``.monitor(consumed)`` that logs what is read, ``.describe(monitor)``, ``.facts`` for
+    run.json). ``init_weights``: a checkpoint whose weights a fresh run starts from (a resumed
+    run loads its own checkpoint instead).
+    """
     t, save_dir = cfg.train, cfg.checkpoint.save
     rank0 = dist.get_rank() == 0
     model, optimizer, scheduler = build_training_state(cfg, tokenizer.vocab_size, precision,
@@ -99,17 +133,16 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
     resume_from = ckpt.resolve_resume(cfg.checkpoint.load, save_dir)
     if resume_from is not None:
         progress = ckpt.load(resume_from, model, optimizer, scheduler, cfg, tokenizer.vocab_size)
+    elif init_weights is not None:
+        ckpt.load_model_only(init_weights, model, cfg, tokenizer.vocab_size)
+        reload_main_params(optimizer)
 
     if save_dir and rank0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         tokenizer.save(Path(save_dir) / "tokenizer")
         (Path(save_dir) / "config.yaml").write_text(to_yaml(cfg))
-    cache_dir = cfg.data.cache_dir or (str(Path(save_dir) / "data_cache") if save_dir else None)
-    if rank0:  # rank 0 builds Megatron's index cache; the others then read it
-        train_ds, valid_ds = build_datasets(cfg, tokenizer, cache_dir)
-    dist.barrier()
-    if not rank0:
-        train_ds, valid_ds = build_datasets(cfg, tokenizer, cache_dir)
+    data = make_data(cfg, tokenizer, save_dir)
+    train_ds, valid_ds = data.train, data.valid
 
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
     plan = BatchPlan(t.global_batch_size, t.micro_batch_size, dp, dp_rank)
@@ -124,14 +157,13 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
              f"PP={cfg.parallel.pipeline_model_parallel_size} DP={dp}, "
              f"{plan.num_microbatches} microbatches/step, starting at step {progress.iteration}")
 
-    monitor = BlendMonitor(train_ds, cfg.data.blend_window, progress.consumed_train_samples)
-    names = dict(zip(train_ds.prefixes, monitor.names))
-    log.info(f"data: {len(train_ds):,} training samples in {len(train_ds.plans)} phase(s)\n"
-             + phase_summary(train_ds.plans, names))
+    monitor = data.monitor(progress.consumed_train_samples)
+    log.info(data.describe(monitor))
 
     run_facts = {"precision": precision,
                  "layer_backend": choose_backend(cfg.model.layer_spec, platform.has_cuda),
-                 "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint}}
+                 "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint},
+                 **data.facts}
     result = TrainResult(progress.iteration)
     tokens_per_step = t.global_batch_size * t.seq_length
     interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
@@ -164,7 +196,8 @@ def _train(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
             interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
         log.step(progress.iteration, metrics, console=at_interval)
 
-        if t.eval_interval and progress.iteration % t.eval_interval == 0:
+        if valid_ds is not None and t.eval_interval \
+                and progress.iteration % t.eval_interval == 0:
             _evaluate(model, valid_ds, plan, progress, cfg, log)
         last = progress.iteration == t.train_iters
         interval = cfg.checkpoint.save_interval
