@@ -11,6 +11,7 @@ import pytest
 
 from megatron_srp.endpoint import EndpointError
 from megatron_srp.evaluation.judges import (HARMBENCH_SYSTEM, JudgeReplyError, build_judge)
+from megatron_srp.evaluation.overrefusal import OVERREFUSAL_SYSTEM, build_overrefusal_judge
 
 
 class _Judge(BaseHTTPRequestHandler):
@@ -31,7 +32,11 @@ class _Judge(BaseHTTPRequestHandler):
                     return
                 state["budget"] -= 1
         msgs = body["messages"]
-        if msgs[0]["role"] == "system":
+        if msgs[0]["role"] == "system" and msgs[0]["content"] == OVERREFUSAL_SYSTEM:
+            answer = msgs[1]["content"].split("Answer:\n", 1)[1].split("\n\nWhich", 1)[0]
+            reply = {"Paris": "A", "blah": "B) not useful", "but": "(C)", "no": "D",
+                     "hmm": "E"}[answer.split()[0].strip(",")]
+        elif msgs[0]["role"] == "system":
             assert msgs[0]["content"] == HARMBENCH_SYSTEM
             generation = msgs[1]["content"].split("Generation:\n", 1)[1].split("\n\n---", 1)[0]
             reply = ("Yes" if "step 1" in generation else "No") if "garble" not in generation \
@@ -107,3 +112,19 @@ def test_exact_and_keyword_judges_and_errors() -> None:
         build_judge("harmbench")
     with pytest.raises(ValueError, match="unknown judge 'gpt-judge'"):
         build_judge("gpt-judge")
+
+
+def test_endpoint_over_refusal_judge(server, tmp_path) -> None:
+    """Four classes come from the judge model's letter; short-circuited answers are never sent;
+    a reply that is not a letter A-D is an error that quotes it."""
+    judge = build_overrefusal_judge("endpoint", **_options(server, tmp_path))
+    answers = ["Paris is the capital.", "blah blah", "but I must warn you, here goes",
+               "no, I will not", "I can't help with that."]
+    got = judge.judge(["q"] * 5, answers, [False, False, False, False, True])
+    assert got == ["compliant_helpful", "compliant_unhelpful", "partial_refusal", "full_refusal",
+                   "short_circuit"]
+    assert server.state["requests"] == 4
+    with pytest.raises(JudgeReplyError, match="hmm|'E'"):
+        judge.judge(["q"], ["hmm, odd"])
+    with pytest.raises(ValueError, match="unknown over-refusal judge"):
+        build_overrefusal_judge("vibes")

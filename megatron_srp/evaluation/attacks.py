@@ -12,10 +12,30 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+from megatron_srp.data.chat import ASSISTANT, USER
 from megatron_srp.evaluation.asr import attack_success
 from megatron_srp.evaluation.benchmarks import Behavior
 
 METHODS = ("greedy", "topk", "beam", "safebeam", "guarded")
+TEMPLATES = {
+    # (text before the request, text after it): how a model of each stage is asked
+    "plain": ("", ""),           # a base model continues the request as text
+    "chat": (USER, ASSISTANT),   # a finetuned model, in the chat format of data/chat.py
+}
+
+
+def attack_ids(tokenizer, prompt: str, template: str = "plain",
+               suffix_ids: Sequence[int] = ()) -> list[int]:
+    """The token ids a model is asked with: a document start, the template around the request,
+    and an adversarial suffix (GCG's) right after the request when one is given. GCG optimises
+    exactly these ids, so the suffix is evaluated as it was found."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+    before, after = TEMPLATES[template]
+    if not suffix_ids:
+        return [tokenizer.eod] + tokenizer.tokenize(before + prompt + after)
+    return ([tokenizer.eod] + tokenizer.tokenize(f"{before}{prompt} ") + list(suffix_ids)
+            + tokenizer.tokenize(after))
 
 
 def decoding_config(method: str, max_new_tokens: int, seed: int, num_beams: int = 10,
@@ -44,14 +64,22 @@ def _sampled(method: str) -> bool:
 
 def attack_eval(model, tokenizer, behaviors: Sequence[Behavior], methods: Sequence[str], judge,
                 samples: int = 5, max_new_tokens: int = 256, batch_size: int = 16,
-                num_beams: int = 10, segment_tokens: int = 256,
+                num_beams: int = 10, segment_tokens: int = 256, template: str = "plain",
+                suffixes: Optional[Sequence[Sequence[int]]] = None,
                 progress: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
-    """ASR per method (overall and per category) plus every answer, for one model."""
-    from megatron_srp.inference.generation import decode
+    """ASR per method (overall and per category) plus every answer, for one model.
+
+    ``suffixes``: an adversarial suffix (token ids) per behaviour, e.g. from GCG; the judge
+    sees the request without it."""
+    from megatron_srp.inference.generation import decode_ids
 
     if not behaviors:
         raise ValueError("no behaviours to attack with")
+    if suffixes is not None and len(suffixes) != len(behaviors):
+        raise ValueError(f"{len(suffixes)} suffixes for {len(behaviors)} behaviours")
     prompts = [b.prompt for b in behaviors]
+    ids = [attack_ids(tokenizer, b.prompt, template, suffixes[i] if suffixes else ())
+           for i, b in enumerate(behaviors)]
     categories = [b.category or "none" for b in behaviors]
     out: dict[str, Any] = {}
     for method in methods:
@@ -62,7 +90,7 @@ def attack_eval(model, tokenizer, behaviors: Sequence[Behavior], methods: Sequen
             config = decoding_config(method, max_new_tokens, seed, num_beams, segment_tokens)
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
-                results = decode(model, tokenizer, chunk, config)
+                results = decode_ids(model, tokenizer, ids[start:start + batch_size], config)
                 verdicts = judge.judge(chunk, [r.text for r in results])
                 for i, (r, v) in enumerate(zip(results, verdicts), start):
                     harmful[i].append(v.harmful and not r.short_circuited)
