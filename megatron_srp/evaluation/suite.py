@@ -103,11 +103,11 @@ def _validate(cfg: EvalConfig) -> None:
         raise ConfigError("probes.seeds", "at least one seed")
 
 
-def _stamp(*parts: Any) -> str:
+def stamp(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -180,15 +180,15 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True,
     for spec in cfg.checkpoints:
         ck = _Checkpoint(spec, cfg, fingerprint)
         for unit in units:
-            stamp = _stamp(str(ck.path.resolve()), asdict(cfg.data), unit,
-                           _unit_settings(unit, cfg))
+            unit_stamp = stamp(str(ck.path.resolve()), asdict(cfg.data), unit,
+                               _unit_settings(unit, cfg))
             path = ck.dir / f"{unit}.json"
-            if path.exists() and json.loads(path.read_text()).get("stamp") == stamp:
+            if path.exists() and json.loads(path.read_text()).get("stamp") == unit_stamp:
                 skipped += 1
             else:
                 result = _compute(unit, ck, segments, cfg, progress)
-                _write_atomic(path, {"stamp": stamp, "checkpoint": str(ck.path),
-                                     "unit": unit, "result": result})
+                write_atomic(path, {"stamp": unit_stamp, "checkpoint": str(ck.path),
+                                    "unit": unit, "result": result})
                 done += 1
             bar.update(1)
         ck.release()
@@ -205,11 +205,11 @@ def _activations(ck: _Checkpoint, segments, cfg: EvalConfig, progress: bool
     from megatron_srp.evaluation.probes import last_token_activations, probe_layers
 
     names = ("first", "middle", "last")
-    stamp = _stamp(str(ck.path.resolve()), asdict(cfg.data))
+    acts_stamp = stamp(str(ck.path.resolve()), asdict(cfg.data))
     cache = ck.dir / "activations.npz"
     if cache.exists():
         data = np.load(cache)
-        if str(data["stamp"]) == stamp:
+        if str(data["stamp"]) == acts_stamp:
             return ({k: data[k] for k in names},
                     {k: int(v) for k, v in zip(names, data["layers"])})
     model, tokenizer, run_cfg = ck.model()
@@ -220,7 +220,7 @@ def _activations(ck: _Checkpoint, segments, cfg: EvalConfig, progress: bool
     out = {name: acts[layer_of[name]] for name in names}
     ck.dir.mkdir(parents=True, exist_ok=True)
     tmp = ck.dir / ".activations.tmp.npz"
-    np.savez(tmp, stamp=np.array(stamp), layers=np.array([layer_of[n] for n in names]), **out)
+    np.savez(tmp, stamp=np.array(acts_stamp), layers=np.array([layer_of[n] for n in names]), **out)
     os.replace(tmp, cache)
     return out, {name: layer_of[name] for name in names}
 
