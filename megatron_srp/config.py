@@ -222,6 +222,21 @@ def load_config(path: str | os.PathLike | None = None,
     return cfg
 
 
+def load_yaml_config(schema: type, path: str | os.PathLike,
+                     overrides: Optional[list[str]] = None) -> Any:
+    """A YAML file and ``key=value`` overrides merged onto the dataclass ``schema`` (the
+    evaluation and attack suites' configs); unknown keys and wrong types name the key."""
+    if not Path(path).is_file():
+        raise ConfigError("--config", f"no such file: {path}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_key_of(exc) if _key_of(exc) != "?" else "config",
+                          f"{path}: {str(exc).splitlines()[0]}") from exc
+
+
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 

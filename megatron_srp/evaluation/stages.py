@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from megatron_srp.config import ConfigError
+from megatron_srp.config import ConfigError, load_yaml_config
 from megatron_srp.evaluation.attacks import METHODS, TEMPLATES
 from megatron_srp.evaluation.suite import stamp, write_atomic
 
@@ -103,15 +102,7 @@ class AttackSuiteConfig:
 
 def load_suite_config(path: str | os.PathLike, overrides: Optional[list[str]] = None
                       ) -> AttackSuiteConfig:
-    if not Path(path).is_file():
-        raise ConfigError("--config", f"no such file: {path}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(AttackSuiteConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(key, f"{path}: {str(exc).splitlines()[0]}") from exc
+    cfg = load_yaml_config(AttackSuiteConfig, path, overrides)
     assert isinstance(cfg, AttackSuiteConfig)
     validate_suite(cfg)
     return cfg

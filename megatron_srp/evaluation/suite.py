@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from megatron_srp.config import ConfigError
+from megatron_srp.config import ConfigError, load_yaml_config
 
 
 @dataclass
@@ -66,15 +64,7 @@ class EvalConfig:
 def load_eval_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> EvalConfig:
     """The YAML file merged over the defaults, ``key=value`` overrides on top; unknown keys,
     missing required keys and impossible values are ConfigErrors naming the key."""
-    if not Path(path).is_file():
-        raise ConfigError("--config", f"no such file: {path}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(key, f"{path}: {str(exc).splitlines()[0]}") from exc
+    cfg = load_yaml_config(EvalConfig, path, overrides)
     assert isinstance(cfg, EvalConfig)
     _validate(cfg)
     return cfg
