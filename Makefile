@@ -1,6 +1,8 @@
 # Two commands on a fresh machine:
-#   make demo   preprocess tinyshakespeare, train the tiny preset on 2 CPU ranks, sample from it
+#   make demo   the MedSafetyWorld experiment at CPU size: a synthetic world, every intervention
+#               variant pretrained with two seeds, attacked and judged exactly; prints the table
 #   make test   the default test suite (CPU; slow and GPU tests are skipped)
+# make demo-shakespeare: preprocess tinyshakespeare, train the tiny preset on 2 ranks, sample.
 # Each creates .venv/ and installs what it needs into it.
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ DEMO_RUN := runs/tiny-cpu-demo
 # torch pulls several GB of CUDA packages. On a GPU host install the project into a CUDA torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo demo-shakespeare test test-all bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,11 @@ $(DEMO_DATA).bin: $(VENV)/.installed
 	$(PY) tools/preprocess_srp.py --input $(SHARED_DATA)/tinyshakespeare/input.txt \
 		--output-prefix $(DEMO_DATA) --workers 2 --overwrite
 
-demo: $(DEMO_DATA).bin
+demo: $(VENV)/.installed
+	OMP_NUM_THREADS=2 $(PY) tools/medsafetyworld.py run --config examples/medsafetyworld/cpu_demo.yaml \
+		--no-progress
+
+demo-shakespeare: $(DEMO_DATA).bin
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 \
 		tools/pretrain_srp.py --config examples/tiny_cpu.yaml
 	$(PY) tools/sample_srp.py --checkpoint $(DEMO_RUN) --prompt "ROMEO:" --prompt "First Citizen:" \
@@ -45,4 +51,4 @@ bench: $(VENV)/.installed
 		train.global_batch_size=16
 
 clean:
-	rm -rf $(VENV) data/demo runs/tiny-cpu-demo
+	rm -rf $(VENV) data/demo runs/tiny-cpu-demo runs/medsafetyworld-cpu

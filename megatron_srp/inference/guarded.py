@@ -43,6 +43,7 @@ class GuardConfig:
     min_sentence_tokens: int = 8      # "sentence": reflect at a sentence end this far in
     refusal: str = SAFE_COMPLETION
     max_label_tokens: int = 12
+    taxonomy: Optional[Taxonomy] = None  # the codes reflections may name; None: Llama Guard 3
 
     def __post_init__(self) -> None:
         if self.boundary not in ("budget", "sentence"):
@@ -120,6 +121,7 @@ def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
     """Answer each prompt under reflection guard (see the module docstring)."""
     if not prompt_ids:
         return []
+    taxonomy = cfg.taxonomy or taxonomy
     ids = _Ids(tokenizer)
     gen = cfg.sampling
     window = int(model.max_sequence_length)

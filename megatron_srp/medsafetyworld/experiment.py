@@ -1,0 +1,283 @@
+"""The SRP-vs-baselines experiment in MedSafetyWorld, as one resumable command.
+
+    python tools/medsafetyworld.py run --config examples/medsafetyworld/cpu_demo.yaml
+
+Steps, each skipped when its output exists with the same stamp (a hash of what it depends on):
+
+1. ``world``: generate the world, its corpus (oracle labels) and, for the noisy-classifier
+   ablation, a copy whose labels are wrong at a set rate; write the held-out queries.
+2. ``data``: preprocess the corpus into every variant (raw, filter, rewrite, tag, srp) with the
+   oracle classifier and the world's taxonomy; the noisy copy into ``<variant>-noisy``.
+3. ``train``: pretrain every variant x seed with the same budget (a torchrun job per model;
+   a killed job resumes from its checkpoints). ``srp_filter`` is the filter and srp datasets
+   blended half and half. With ``switch_at`` > 0 an intervention switches on at that fraction
+   of the token budget (raw before), the curriculum timing of the same runner.
+4. ``eval``: every model answers every query under every attack and decoding method; the exact
+   judge scores them (eval.py).
+5. ``report``: Markdown tables and plots over seeds (report.py).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from megatron_srp.config import ConfigError, load_yaml_config
+from megatron_srp.evaluation.suite import stamp, write_atomic
+from megatron_srp.medsafetyworld.corpus import CorpusConfig, build_corpus, write_corpus
+from megatron_srp.medsafetyworld.world import CATEGORIES, World, generate_world
+
+BASE_VARIANTS = ("raw", "filter", "rewrite", "tag", "srp")
+VARIANTS = BASE_VARIANTS + ("srp_filter",)
+
+
+@dataclass
+class WorldSize:
+    n_drugs: int = 12
+    n_conditions: int = 6
+    n_patients: int = 40
+
+
+@dataclass
+class EvalSpec:
+    queries_per_kind: int = 20
+    methods: list[str] = field(default_factory=lambda: ["greedy", "safebeam", "guarded"])
+    attacks: list[str] = field(default_factory=lambda: ["none", "roleplay", "hypothetical",
+                                                        "prefix"])
+    attack_methods: list[str] = field(default_factory=lambda: ["greedy"])  # under attacks
+    max_new_tokens: int = 48
+    batch_size: int = 32
+    num_beams: int = 4
+
+
+@dataclass
+class MedSafetyConfig:
+    name: str = "medsafetyworld"
+    out_dir: str = "???"
+    world_seed: int = 0
+    world: WorldSize = field(default_factory=WorldSize)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    noisy_error_rate: float = 0.0    # > 0: also the noisy-classifier ablation
+    noisy_variants: list[str] = field(default_factory=lambda: ["srp", "filter"])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    train_config: str = "examples/medsafetyworld/train_cpu.yaml"
+    train_overrides: list[str] = field(default_factory=list)
+    nproc: int = 1
+    switch_at: float = 0.0           # curriculum timing: the intervention from this fraction on
+    segment_tokens: int = 256
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+def load_experiment_config(path: str, overrides: Optional[list[str]] = None) -> MedSafetyConfig:
+    cfg = load_yaml_config(MedSafetyConfig, path, overrides)
+    assert isinstance(cfg, MedSafetyConfig)
+    unknown = sorted(set(cfg.variants) - set(VARIANTS))
+    if unknown or not cfg.variants:
+        raise ConfigError("variants", f"unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if "srp_filter" in cfg.variants and not {"srp", "filter"} <= set(cfg.variants):
+        raise ConfigError("variants", "srp_filter blends srp and filter: list both")
+    bad = sorted(set(cfg.noisy_variants) - set(BASE_VARIANTS) - {"raw"})
+    if bad:
+        raise ConfigError("noisy_variants", f"unknown {bad}")
+    if not 0.0 <= cfg.noisy_error_rate < 0.5:
+        raise ConfigError("noisy_error_rate", "must be in [0, 0.5)")
+    if not 0.0 <= cfg.switch_at < 1.0:
+        raise ConfigError("switch_at", "must be in [0, 1)")
+    if not cfg.seeds:
+        raise ConfigError("seeds", "give at least one seed")
+    if not Path(cfg.train_config).is_file():
+        raise ConfigError("train_config", f"no such file: {cfg.train_config}")
+    _check_training(cfg)
+    return cfg
+
+
+def _check_training(cfg: MedSafetyConfig) -> None:
+    """The models' training config with the overrides, checked before any step runs."""
+    from megatron_srp.config import load_config
+    from megatron_srp.validation import Platform, validate
+
+    try:
+        run = load_config(cfg.train_config, list(cfg.train_overrides))
+        validate(run, cfg.nproc, Platform.detect(), check_files=False, require_data=False)
+    except ConfigError as exc:
+        raise ConfigError(f"train_config/train_overrides: {exc.key}", str(exc)) from exc
+
+
+def model_names(cfg: MedSafetyConfig) -> list[str]:
+    """Every trained dataset mix: the variants, then their noisy-classifier twins."""
+    names = list(cfg.variants)
+    if cfg.noisy_error_rate > 0:
+        names += [f"{v}-noisy" for v in cfg.noisy_variants if v in cfg.variants]
+    return names
+
+
+class Steps:
+    """Stamped step outputs under ``<out>/steps``: done iff the stamp matches."""
+
+    def __init__(self, out: Path, log: Callable[[str], None]):
+        self.dir = out / "steps"
+        self.log = log
+        self.done_count = self.reused = 0
+
+    def run(self, name: str, depends: Any, work: Callable[[], Any]) -> Any:
+        path = self.dir / f"{name}.json"
+        want = stamp(depends)
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("stamp") == want:
+                self.reused += 1
+                return saved["result"]
+        self.log(f"step {name}")
+        result = work()
+        write_atomic(path, {"stamp": want, "result": result})
+        self.done_count += 1
+        return result
+
+
+def noisy_labels(corpus: list[dict], error_rate: float, seed: int) -> list[dict]:
+    """The corpus as a classifier with ``error_rate`` would label it: each passage's label is
+    flipped with that probability (a flipped-to-unsafe passage gets a random category)."""
+    rng = random.Random(f"noise-{seed}")
+    codes = [c.code for c in CATEGORIES.values()]
+    out = []
+    for item in corpus:
+        item = dict(item)
+        if rng.random() < error_rate:
+            unsafe = item["label"] == "safe"
+            item["label"] = "unsafe" if unsafe else "safe"
+            item["category"] = rng.choice(codes) if unsafe else None
+        out.append(item)
+    return out
+
+
+def make_world(cfg: MedSafetyConfig, out: Path) -> dict:
+    from megatron_srp.medsafetyworld.queries import build_queries
+
+    world = generate_world(cfg.world_seed, **asdict(cfg.world))
+    world.save(out / "world.json")
+    corpus = build_corpus(world, cfg.corpus)
+    write_corpus(corpus, out / "corpus.jsonl")
+    if cfg.noisy_error_rate > 0:
+        write_corpus(noisy_labels(corpus, cfg.noisy_error_rate, cfg.world_seed),
+                     out / "corpus-noisy.jsonl")
+    queries = build_queries(world, cfg.corpus, cfg.eval.queries_per_kind, cfg.world_seed)
+    (out / "queries.jsonl").write_text("".join(json.dumps(asdict(q)) + "\n" for q in queries))
+    unsafe = sum(c["label"] == "unsafe" for c in corpus)
+    return {"passages": len(corpus), "unsafe": unsafe, "queries": len(queries),
+            "drugs": len(world.drugs), "patients": len(world.patients)}
+
+
+def preprocess_variants(cfg: MedSafetyConfig, out: Path, corpus: str, suffix: str,
+                        variants: list[str]) -> dict:
+    from megatron_srp.data.preprocess import PreprocessConfig, run_preprocess
+    from megatron_srp.data.shard_worker import Variant
+    from megatron_srp.data.shards import ReaderOptions
+    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.data.variants import VariantSpec
+    from megatron_srp.interventions import build_intervention
+    from megatron_srp.medsafetyworld.world import TAXONOMY
+    from megatron_srp.reflection.segment import SegmentConfig
+
+    names = [v for v in variants if v in BASE_VARIANTS]
+    specs = [VariantSpec(v + suffix, "reflect" if v == "srp" else v) for v in names]
+    built = [Variant(s.name, build_intervention(s.intervention_name, taxonomy=TAXONOMY))
+             for s in specs]
+    config = PreprocessConfig(inputs=[corpus], output_dir=str(out / "data"), variants=specs,
+                              reader=ReaderOptions(id_key="id"), classifier="oracle",
+                              classifier_options={"taxonomy": TAXONOMY},
+                              segment=SegmentConfig(segment_tokens=cfg.segment_tokens),
+                              workers=1, progress=False, overwrite=True)
+    tok = SRPTokenizer.from_dir(default_tokenizer_dir())
+    result = run_preprocess(config, tok, variants=built)
+    return {name: {"tokens": v["tokens"], "documents": v["documents"]}
+            for name, v in result.summary["variants"].items()}
+
+
+def data_overrides(cfg: MedSafetyConfig, out: Path, name: str) -> list[str]:
+    """The data section of a model's training run."""
+    noisy = name.endswith("-noisy")
+    base = name.removesuffix("-noisy")
+    tail = "-noisy" if noisy else ""
+    if base == "srp_filter":
+        target = {str(out / "data" / f"srp{tail}"): 0.5, str(out / "data" / f"filter{tail}"): 0.5}
+    else:
+        target = {str(out / "data" / f"{base}{tail}"): 1.0}
+    raw = str(out / "data" / "raw")
+    if cfg.switch_at > 0 and base != "raw":
+        blend = lambda b: "{" + ", ".join(f"{k}: {v}" for k, v in b.items()) + "}"  # noqa: E731
+        return [f"data.curriculum=[{{until: {cfg.switch_at}, blend: {{{raw}: 1.0}}}}, "
+                f"{{until: 1.0, blend: {blend(target)}}}]"]
+    paths = list(target)
+    return [f"data.paths=[{','.join(paths)}]",
+            f"data.weights=[{','.join(str(target[p]) for p in paths)}]"]
+
+
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name}-s{seed}"
+
+
+def _finished(path: Path) -> bool:
+    from megatron_srp.training import checkpoint as ckpt
+    try:
+        found = ckpt.latest_checkpoint(path)
+    except ckpt.CheckpointError:
+        return False
+    if found is None:
+        return False
+    run = ckpt.read_run(found)
+    return run["progress"]["iteration"] >= run["config"]["train"]["train_iters"]
+
+
+def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int) -> dict:
+    from megatron_srp.training.launch import run_pretrain, train_losses
+
+    target = run_dir(out, name, seed)
+    if not _finished(target):
+        args = ["--config", cfg.train_config, *data_overrides(cfg, out, name),
+                f"checkpoint.save={target}", f"train.seed={seed}", f"name={name}-s{seed}",
+                "logging.progress_bar=false", *cfg.train_overrides]
+        done = run_pretrain(cfg.nproc, args, timeout=24 * 3600, check=False)
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "logs" / f"train-{name}-s{seed}.log").write_text(done.stdout)
+        if done.returncode != 0:
+            raise RuntimeError(f"training {name} seed {seed} failed (exit {done.returncode}); "
+                               f"log: {out}/logs/train-{name}-s{seed}.log\n{done.stdout[-3000:]}")
+    losses = train_losses(target)
+    return {"final_loss": losses[max(losses)], "steps": max(losses)}
+
+
+def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict:
+    """Every step that is not done yet, then the report; returns the report's numbers."""
+    from megatron_srp.medsafetyworld.eval import evaluate_model
+    from megatron_srp.medsafetyworld.report import write_report
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(out, log)
+    world_key = [cfg.world_seed, asdict(cfg.world), asdict(cfg.corpus), cfg.noisy_error_rate,
+                 cfg.eval.queries_per_kind]
+    facts = steps.run("world", world_key, lambda: make_world(cfg, out))
+    log(f"world: {facts['drugs']} drugs, {facts['patients']} patients; corpus "
+        f"{facts['passages']} passages ({facts['unsafe']} unsafe); {facts['queries']} queries")
+    data_key = [world_key, cfg.variants, cfg.segment_tokens]
+    steps.run("data", data_key, lambda: preprocess_variants(
+        cfg, out, str(out / "corpus.jsonl"), "", cfg.variants))
+    if cfg.noisy_error_rate > 0:
+        steps.run("data-noisy", [data_key, cfg.noisy_variants], lambda: preprocess_variants(
+            cfg, out, str(out / "corpus-noisy.jsonl"), "-noisy",
+            [v for v in cfg.noisy_variants if v in cfg.variants]))
+    train_text = Path(cfg.train_config).read_text()
+    world = World.load(out / "world.json")
+    for name in model_names(cfg):
+        for seed in cfg.seeds:
+            key = [data_key, train_text, cfg.train_overrides, cfg.switch_at, name, seed]
+            steps.run(f"train-{name}-s{seed}", key, lambda: train_model(cfg, out, name, seed))
+            steps.run(f"eval-{name}-s{seed}", [key, asdict(cfg.eval)],
+                      lambda: evaluate_model(cfg, world, out, run_dir(out, name, seed),
+                                             progress))
+    log(f"computed {steps.done_count} step(s), reused {steps.reused} finished before")
+    return write_report(cfg, out)
