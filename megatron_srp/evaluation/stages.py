@@ -161,19 +161,6 @@ def validate_suite(cfg: AttackSuiteConfig) -> None:
 # Models of the stages
 
 
-def _finished(run_dir: Path) -> bool:
-    """A finetune run whose latest complete checkpoint is its last step."""
-    from megatron_srp.training import checkpoint as ckpt
-    try:
-        path = ckpt.latest_checkpoint(run_dir)
-    except ckpt.CheckpointError:
-        return False
-    if path is None:
-        return False
-    run = ckpt.read_run(path)
-    return run["progress"]["iteration"] >= run["config"]["train"]["train_iters"]
-
-
 def stage_model(cfg: AttackSuiteConfig, st: StageSpec, paths: dict[str, Path],
                 log: Callable[[str], None]) -> Path:
     """The run directory of a stage's model; a finetune stage is trained (or resumed) here."""
@@ -183,10 +170,12 @@ def stage_model(cfg: AttackSuiteConfig, st: StageSpec, paths: dict[str, Path],
     from megatron_srp.evaluation.benchmarks import SHARED
     from megatron_srp.training.launch import FINETUNE, run_pretrain
 
+    from megatron_srp.training.checkpoint import run_finished
+
     f = st.finetune
     assert f is not None
     run_dir = Path(cfg.out_dir) / "models" / st.name
-    if _finished(run_dir):
+    if run_finished(run_dir):
         log(f"stage {st.name}: finetune finished before, reusing {run_dir}")
         return run_dir
     data = list(f.data)

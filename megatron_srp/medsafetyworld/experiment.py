@@ -219,23 +219,12 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / f"{name}-s{seed}"
 
 
-def _finished(path: Path) -> bool:
-    from megatron_srp.training import checkpoint as ckpt
-    try:
-        found = ckpt.latest_checkpoint(path)
-    except ckpt.CheckpointError:
-        return False
-    if found is None:
-        return False
-    run = ckpt.read_run(found)
-    return run["progress"]["iteration"] >= run["config"]["train"]["train_iters"]
-
-
 def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int) -> dict:
+    from megatron_srp.training.checkpoint import run_finished
     from megatron_srp.training.launch import run_pretrain, train_losses
 
     target = run_dir(out, name, seed)
-    if not _finished(target):
+    if not run_finished(target):
         args = ["--config", cfg.train_config, *data_overrides(cfg, out, name),
                 f"checkpoint.save={target}", f"train.seed={seed}", f"name={name}-s{seed}",
                 "logging.progress_bar=false", *cfg.train_overrides]

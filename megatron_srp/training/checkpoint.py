@@ -67,6 +67,19 @@ def latest_checkpoint(root: str | os.PathLike | None) -> Optional[Path]:
     return path
 
 
+def run_finished(root: str | os.PathLike) -> bool:
+    """Whether the run saving to ``root`` is done: its latest complete checkpoint is its last
+    step (pipelines use it to skip a training run they already finished)."""
+    try:
+        path = latest_checkpoint(root)
+    except CheckpointError:
+        return False
+    if path is None:
+        return False
+    run = read_run(path)
+    return run["progress"]["iteration"] >= run["config"]["train"]["train_iters"]
+
+
 def resolve_resume(load: Optional[str], save: Optional[str]) -> Optional[Path]:
     """``load`` may be a run directory (its latest complete checkpoint) or one checkpoint;
     without it, a run resumes from its own ``save`` directory when that holds a checkpoint."""
