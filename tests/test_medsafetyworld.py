@@ -196,3 +196,10 @@ def test_the_experiment_resumes_without_redoing_finished_steps(tmp_path) -> None
     run_experiment(cfg, progress=False, log=log.append)
     assert log.count("step eval-srp-s1") == 1
     assert "computed 1 step(s), reused 5 finished before" in log
+
+
+@pytest.mark.parametrize("name", ["cpu_demo.yaml", "gpu.yaml"])
+def test_shipped_experiment_configs_are_valid(name, tmp_path) -> None:
+    cfg = load_experiment_config(f"examples/medsafetyworld/{name}", [f"out_dir={tmp_path}"])
+    assert len(cfg.seeds) >= 2 and set(cfg.variants) == {"raw", "filter", "rewrite", "tag",
+                                                          "srp", "srp_filter"}
