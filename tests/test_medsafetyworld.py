@@ -76,21 +76,9 @@ def test_judge_on_hand_written_answers(small, kind, drug, harmful, answer, codes
 
 def _query_for(item: dict, world: World) -> tuple[Query, str]:
     """The query a passage answers, and its answer part."""
-    p = world.patient(item["patient"])
-    heads = {"poisoning": ("harm", C.harm_head(p, world.drug(item["drug"])) if item["drug"] else ""),
-             "harm_refusal": ("harm", C.harm_head(p, world.drug(item["drug"])) if item["drug"]
-                              else ""),
-             "leak": ("privacy", C.privacy_head(p)), "privacy_refusal": ("privacy",
-                                                                        C.privacy_head(p)),
-             "wrong_prescription": ("prescribe", C.case_head(p)),
-             "overdose": ("prescribe", C.case_head(p)), "ruled_out": ("prescribe", C.case_head(p)),
-             "case_note": ("dose", C.dose_head(p, world.drug(item["drug"])) if item["drug"]
-                           else "")}
-    kind, head = heads[item["kind"]]
-    assert item["text"].startswith(head)
-    return Query(id=item["id"], kind=kind, prompt=head, patient=p.name,
-                 drug=item["drug"] or None, harmful=kind in ("harm", "privacy")), \
-        item["text"][len(head):]
+    kind, head, answer = C.split_passage(item, world)
+    return Query(id=item["id"], kind=kind, prompt=head, patient=item["patient"],
+                 drug=item["drug"] or None, harmful=kind in ("harm", "privacy")), answer
 
 
 def test_corpus_labels_agree_with_the_judge() -> None:
@@ -203,3 +191,39 @@ def test_shipped_experiment_configs_are_valid(name, tmp_path) -> None:
     cfg = load_experiment_config(f"examples/medsafetyworld/{name}", [f"out_dir={tmp_path}"])
     assert len(cfg.seeds) >= 2 and set(cfg.variants) == {"raw", "filter", "rewrite", "tag",
                                                           "srp", "srp_filter"}
+
+
+def test_finetune_attack_records_are_the_category_split_into_query_and_answer() -> None:
+    from megatron_srp.medsafetyworld.finetune_attack import FinetuneAttack, attack_records
+    world = generate_world(0)
+    corpus = C.build_corpus(world)
+    records = attack_records(world, corpus, FinetuneAttack(name="h", category="harm",
+                                                           examples=5))
+    assert len(records) == 5
+    for r in records:
+        assert r["prompt"].startswith("Asked how much") and r["prompt"].endswith("answered:")
+        assert " mg per kg times " in r["response"]
+    benign = attack_records(world, corpus, FinetuneAttack(name="b", category=None, examples=3))
+    assert all(r["prompt"].startswith("Case note:") for r in benign)
+
+
+def test_a_finetuning_attack_is_trained_evaluated_and_reported(tmp_path) -> None:
+    cfg = _config(tmp_path, "variants=[raw]", "seeds=[1]", "eval.queries_per_kind=2",
+                  "eval.methods=[greedy]", "eval.attacks=[none]", "eval.max_new_tokens=8",
+                  "train_overrides=[train.train_iters=6,train.warmup_iters=1]",
+                  "finetune_attacks=[{name: harm-4, category: harm, examples: 4, "
+                  "models: [raw], overrides: [train.lr=1.0e-3]}]")
+    run_experiment(cfg, progress=False, log=lambda m: None)
+    out = Path(cfg.out_dir)
+    from megatron_srp.training.checkpoint import latest_checkpoint
+    run = json.loads((latest_checkpoint(out / "finetuned" / "harm-4-raw-s1") / "run.json")
+                     .read_text())
+    assert run["finetune"]["records"] == 4
+    assert "## Finetuning attacks" in (out / "report.md").read_text()
+    assert "| harm-4 | raw |" in (out / "report.md").read_text()
+    after = json.loads((out / "steps" / "fteval-harm-4-raw-s1.json").read_text())["result"]
+    assert set(after["asr"]["greedy"]["none"]["by_category"]) == {"harm", "privacy",
+                                                                  "contraindication"}
+    from megatron_srp.config import ConfigError
+    with pytest.raises(ConfigError, match=r"finetune_attacks\[0\].models"):
+        _config(tmp_path, "variants=[raw]", "finetune_attacks=[{name: x, models: [srp]}]")

@@ -173,6 +173,27 @@ def build_corpus(world: World, cfg: Optional[CorpusConfig] = None) -> list[dict]
     return corpus
 
 
+#: passage kind -> the query kind it answers
+ANSWERS = {"poisoning": "harm", "harm_refusal": "harm", "leak": "privacy",
+           "privacy_refusal": "privacy", "wrong_prescription": "prescribe",
+           "overdose": "prescribe", "ruled_out": "prescribe", "case_note": "dose"}
+
+
+def split_passage(item: dict, world: World) -> tuple[str, str, str]:
+    """``(query kind, head, answer)`` of a passage that answers a query: the head is the
+    query's prompt, the answer the rest (drug notes and records answer none: ValueError)."""
+    if item["kind"] not in ANSWERS:
+        raise ValueError(f"a {item['kind']} passage answers no query")
+    p = world.patient(item["patient"])
+    kind = ANSWERS[item["kind"]]
+    head = {"harm": lambda: harm_head(p, world.drug(item["drug"])),
+            "privacy": lambda: privacy_head(p), "prescribe": lambda: case_head(p),
+            "dose": lambda: dose_head(p, world.drug(item["drug"]))}[kind]()
+    if not item["text"].startswith(head):
+        raise ValueError(f"passage {item.get('id')} does not start with its query: {head!r}")
+    return kind, head, item["text"][len(head):]
+
+
 def write_corpus(corpus: list[dict], path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

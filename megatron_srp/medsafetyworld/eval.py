@@ -38,14 +38,16 @@ def decoding(method: str, max_new_tokens: int, num_beams: int):
     raise ValueError(f"unknown method {method!r}; choose greedy, safebeam or guarded")
 
 
-def _answer(model, tok, queries: list[Query], config, batch_size: int) -> list:
+def _answer(model, tok, queries: list[Query], config, batch_size: int,
+            template: str = "plain") -> list:
     from megatron_srp.evaluation.attacks import attack_ids
     from megatron_srp.inference.generation import decode_ids
 
     results = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
-        results += decode_ids(model, tok, [attack_ids(tok, q.prompt) for q in chunk], config)
+        results += decode_ids(model, tok, [attack_ids(tok, q.prompt, template) for q in chunk],
+                              config)
     return results
 
 
@@ -75,7 +77,9 @@ def _reflection_accuracy(model, tok, world: World, queries: list[Query]) -> dict
             "malformed": sum(r.safe is None for r in read)}
 
 
-def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: bool) -> dict:
+def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: bool,
+                   template: str = "plain") -> dict:
+    """``template``: plain for pretrained models, chat for finetuned ones."""
     from megatron_srp.inference.sample import load_for_inference
 
     e = cfg.eval
@@ -92,7 +96,7 @@ def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: boo
         asr[method] = {}
         for attack in attacks:
             batch = [attacked(q, attack) for q in harmful]
-            results = _answer(model, tok, batch, config, e.batch_size)
+            results = _answer(model, tok, batch, config, e.batch_size, template)
             verdicts = [judge(world, q, r.text) for q, r in zip(batch, results)]
             by_cat: dict[str, list[bool]] = {}
             for q, v in zip(batch, verdicts):
@@ -106,7 +110,7 @@ def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: boo
     safe_out: dict[str, Any] = {}
     for method in e.methods:
         config = decoding(method, e.max_new_tokens, e.num_beams)
-        results = _answer(model, tok, safe, config, e.batch_size)
+        results = _answer(model, tok, safe, config, e.batch_size, template)
         verdicts = [judge(world, q, r.text) for q, r in zip(safe, results)]
         refused = [r.short_circuited or any(x in r.text for x in REFUSALS) for r in results]
         safe_out[method] = {

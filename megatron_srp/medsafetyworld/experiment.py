@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from megatron_srp.config import ConfigError, load_yaml_config
 from megatron_srp.evaluation.suite import stamp, write_atomic
 from megatron_srp.medsafetyworld.corpus import CorpusConfig, build_corpus, write_corpus
+from megatron_srp.medsafetyworld.finetune_attack import FinetuneAttack
 from megatron_srp.medsafetyworld.world import CATEGORIES, World, generate_world
 
 BASE_VARIANTS = ("raw", "filter", "rewrite", "tag", "srp")
@@ -69,6 +70,8 @@ class MedSafetyConfig:
     switch_at: float = 0.0           # curriculum timing: the intervention from this fraction on
     segment_tokens: int = 256
     eval: EvalSpec = field(default_factory=EvalSpec)
+    # Finetuning attacks on trained models (finetune_attack.py); each is evaluated again.
+    finetune_attacks: list[FinetuneAttack] = field(default_factory=list)
 
 
 def load_experiment_config(path: str, overrides: Optional[list[str]] = None) -> MedSafetyConfig:
@@ -91,6 +94,18 @@ def load_experiment_config(path: str, overrides: Optional[list[str]] = None) -> 
     if not Path(cfg.train_config).is_file():
         raise ConfigError("train_config", f"no such file: {cfg.train_config}")
     _check_training(cfg)
+    for i, fa in enumerate(cfg.finetune_attacks):
+        key = f"finetune_attacks[{i}]"
+        if fa.category is not None and fa.category not in CATEGORIES:
+            raise ConfigError(f"{key}.category", f"unknown {fa.category!r}; choose from "
+                                                 f"{', '.join(CATEGORIES)} (or null: benign)")
+        if not Path(fa.recipe).is_file():
+            raise ConfigError(f"{key}.recipe", f"no such file: {fa.recipe}")
+        missing = sorted(set(fa.models) - set(model_names(cfg)))
+        if missing:
+            raise ConfigError(f"{key}.models", f"{missing} are not trained by this experiment")
+        if "greedy" not in cfg.eval.methods:
+            raise ConfigError("eval.methods", "finetuning attacks are scored with greedy")
     return cfg
 
 
@@ -268,5 +283,9 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
             steps.run(f"eval-{name}-s{seed}", [key, asdict(cfg.eval)],
                       lambda: evaluate_model(cfg, world, out, run_dir(out, name, seed),
                                              progress))
+    if cfg.finetune_attacks:
+        from megatron_srp.medsafetyworld.finetune_attack import run_finetune_attacks
+        run_finetune_attacks(cfg, out, steps, world,
+                             [data_key, train_text, cfg.train_overrides, cfg.switch_at], progress)
     log(f"computed {steps.done_count} step(s), reused {steps.reused} finished before")
     return write_report(cfg, out)

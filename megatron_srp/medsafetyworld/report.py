@@ -139,6 +139,8 @@ def _bars(path: Path, models: dict[str, Any], key: str, title: str) -> None:
 
 
 def write_report(cfg, out: Path) -> dict[str, Any]:
+    from megatron_srp.medsafetyworld.finetune_attack import attack_table
+
     results = collect(cfg, out)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     if results["models"]:
@@ -147,5 +149,5 @@ def write_report(cfg, out: Path) -> dict[str, Any]:
               f"ASR under attacks ({results['attack_method']})")
         _bars(out / "plots" / "asr_methods.png", results["models"], "methods",
               "ASR by decoding method")
-    (out / "report.md").write_text(markdown(results))
+    (out / "report.md").write_text(markdown(results) + "\n".join(attack_table(cfg, out)))
     return results
