@@ -207,9 +207,10 @@ def test_finetune_attack_records_are_the_category_split_into_query_and_answer() 
     assert all(r["prompt"].startswith("Case note:") for r in benign)
 
 
-def test_a_finetuning_attack_is_trained_evaluated_and_reported(tmp_path) -> None:
+def test_a_finetuning_attack_and_gcg_are_run_and_reported(tmp_path) -> None:
     cfg = _config(tmp_path, "variants=[raw]", "seeds=[1]", "eval.queries_per_kind=2",
-                  "eval.methods=[greedy]", "eval.attacks=[none]", "eval.max_new_tokens=8",
+                  "eval.methods=[greedy]", "eval.attacks=[none,gcg]", "eval.max_new_tokens=8",
+                  "eval.gcg_steps=2", "eval.gcg_top_k=8", "eval.gcg_search_width=8",
                   "train_overrides=[train.train_iters=6,train.warmup_iters=1]",
                   "finetune_attacks=[{name: harm-4, category: harm, examples: 4, "
                   "models: [raw], overrides: [train.lr=1.0e-3]}]")
@@ -221,6 +222,11 @@ def test_a_finetuning_attack_is_trained_evaluated_and_reported(tmp_path) -> None
     assert run["finetune"]["records"] == 4
     assert "## Finetuning attacks" in (out / "report.md").read_text()
     assert "| harm-4 | raw |" in (out / "report.md").read_text()
+    before = json.loads((out / "steps" / "eval-raw-s1.json").read_text())["result"]
+    gcg = before["asr"]["greedy"]["gcg"]["gcg"]
+    assert gcg["loss"] <= gcg["initial_loss"] and 0 <= gcg["target_hits"] <= 6
+    answers = [json.loads(x) for x in (out / "answers" / "raw-s1.jsonl").read_text().splitlines()]
+    assert sum(a["attack"] == "gcg" for a in answers) == 6  # the harmful queries
     after = json.loads((out / "steps" / "fteval-harm-4-raw-s1.json").read_text())["result"]
     assert set(after["asr"]["greedy"]["none"]["by_category"]) == {"harm", "privacy",
                                                                   "contraindication"}

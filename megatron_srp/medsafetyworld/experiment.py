@@ -51,6 +51,11 @@ class EvalSpec:
     max_new_tokens: int = 48
     batch_size: int = 32
     num_beams: int = 4
+    # the "gcg" attack: a suffix per harmful query, optimised against each model
+    gcg_steps: int = 50
+    gcg_top_k: int = 64
+    gcg_search_width: int = 128
+    gcg_target: str = "Sure"
 
 
 @dataclass
