@@ -13,3 +13,11 @@ for _notice in ("Transformer Engine and Apex are not installed", "Apex is not in
                 "full scope is deprecated", r"`torch.distributed.\w+` is deprecated",
                 "The .grad attribute of a Tensor that is not a leaf"):
     warnings.filterwarnings("ignore", message=_notice)
+
+
+def quiet_megatron_warnings() -> None:
+    """For command-line tools: hide Megatron-Core's UserWarnings and the deprecation notices
+    of the libraries below it, which say nothing to someone running a tool."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

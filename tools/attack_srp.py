@@ -7,7 +7,6 @@ Reruns reuse finished finetunes and units (docs/attacks.md).
 """
 import argparse
 import sys
-import warnings
 
 
 def main(argv=None) -> int:
@@ -18,9 +17,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from megatron_srp import quiet_megatron_warnings
+    quiet_megatron_warnings()
     from megatron_srp.config import ConfigError
     from megatron_srp.evaluation.stages import load_suite_config, run_suite
     from megatron_srp.training.checkpoint import CheckpointError

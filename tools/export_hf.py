@@ -8,7 +8,6 @@ one iter_N directory.
 """
 import argparse
 import sys
-import warnings
 
 
 def main(argv=None) -> int:
@@ -22,9 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from megatron_srp import quiet_megatron_warnings
+    quiet_megatron_warnings()
     from megatron_srp.inference.hf_export import EXPORT_FILE, export_hf
     from megatron_srp.inference.sample import shutdown
     from megatron_srp.training.checkpoint import CheckpointError

@@ -8,7 +8,6 @@ are reused (docs/medsafetyworld.md).
 """
 import argparse
 import sys
-import warnings
 
 
 def main(argv=None) -> int:
@@ -27,9 +26,8 @@ def main(argv=None) -> int:
     gen.add_argument("--conditions", type=int, default=6)
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from megatron_srp import quiet_megatron_warnings
+    quiet_megatron_warnings()
     from pathlib import Path
 
     from megatron_srp.config import ConfigError

@@ -9,7 +9,6 @@ search, SafeBeam or reflection-guarded decoding.
 """
 import argparse
 import sys
-import warnings
 
 
 def main(argv=None) -> int:
@@ -51,9 +50,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after argument parsing: Megatron-Core takes seconds to import.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from megatron_srp import quiet_megatron_warnings
+    quiet_megatron_warnings()
     from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig
     from megatron_srp.inference.generation import decode
     from megatron_srp.inference.guarded import GuardConfig

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_srp.evaluation.overrefusal import CLASSES
+from megatron_srp.evaluation.plots import asr_bars
 
 
 def _strip_answers(result: Any) -> Any:
@@ -120,26 +121,15 @@ def _plots(out_dir: Path, units: dict, methods: list[str]) -> list[str]:
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     benches = sorted({u for per in units.values() for u in per if u.startswith("asr-")})
-    width = 0.8 / len(methods)
     for unit in benches:
         stages = [s for s in units if unit in units[s]]
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(stages), 3.4))
-        x = np.arange(len(stages))
-        for j, m in enumerate(methods):
+        series = {}
+        for m in methods:
             vals = [units[s][unit][m]["overall"] for s in stages]
-            asr = np.array([100 * v["asr"] for v in vals])
-            err = np.array([[100 * (v["asr"] - v["asr_ci"][0]) for v in vals],
-                            [100 * (v["asr_ci"][1] - v["asr"]) for v in vals]])
-            ax.bar(x + (j - (len(methods) - 1) / 2) * width, asr, width, yerr=err, capsize=2,
-                   label=m)
-        ax.set_xticks(x, stages)
-        ax.set_ylabel("ASR (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(unit.removeprefix("asr-"))
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plots / f"{unit.replace('-', '_')}.png", dpi=120)
-        plt.close(fig)
+            series[m] = ([v["asr"] for v in vals], [v["asr"] - v["asr_ci"][0] for v in vals],
+                         [v["asr_ci"][1] - v["asr"] for v in vals])
+        asr_bars(plots / f"{unit.replace('-', '_')}.png", stages, series,
+                 unit.removeprefix("asr-"))
         made.append(f"plots/{unit.replace('-', '_')}.png")
     rows = [(s, per["overrefusal"]) for s, per in units.items() if "overrefusal" in per]
     if rows:

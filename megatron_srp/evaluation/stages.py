@@ -168,9 +168,8 @@ def stage_model(cfg: AttackSuiteConfig, st: StageSpec, paths: dict[str, Path],
         return Path(st.checkpoint)
     from megatron_srp.data.chat_sources import write_chat_source
     from megatron_srp.evaluation.benchmarks import SHARED
-    from megatron_srp.training.launch import FINETUNE, run_pretrain
-
     from megatron_srp.training.checkpoint import run_finished
+    from megatron_srp.training.launch import FINETUNE, run_job
 
     f = st.finetune
     assert f is not None
@@ -189,13 +188,8 @@ def stage_model(cfg: AttackSuiteConfig, st: StageSpec, paths: dict[str, Path],
     args = ["--config", f.recipe, f"finetune.pretrained={paths[f.start]}",
             f"finetune.data=[{','.join(data)}]", f"checkpoint.save={run_dir}",
             "logging.progress_bar=false", f"name={st.name}", *f.overrides]
-    done = run_pretrain(f.nproc, args, script=FINETUNE, timeout=24 * 3600, check=False)
-    (Path(cfg.out_dir) / "logs").mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / "logs" / f"finetune-{st.name}.log").write_text(done.stdout)
-    if done.returncode != 0:
-        raise RuntimeError(f"stage {st.name}: the finetune failed (exit {done.returncode}); "
-                           f"log in {cfg.out_dir}/logs/finetune-{st.name}.log:\n"
-                           f"{done.stdout[-3000:]}")
+    run_job(f.nproc, args, run_dir, Path(cfg.out_dir) / "logs" / f"finetune-{st.name}.log",
+            script=FINETUNE, what=f"stage {st.name}: the finetune")
     return run_dir
 
 

@@ -240,20 +240,14 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
 
 
 def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int) -> dict:
-    from megatron_srp.training.checkpoint import run_finished
-    from megatron_srp.training.launch import run_pretrain, train_losses
+    from megatron_srp.training.launch import run_job, train_losses
 
     target = run_dir(out, name, seed)
-    if not run_finished(target):
-        args = ["--config", cfg.train_config, *data_overrides(cfg, out, name),
-                f"checkpoint.save={target}", f"train.seed={seed}", f"name={name}-s{seed}",
-                "logging.progress_bar=false", *cfg.train_overrides]
-        done = run_pretrain(cfg.nproc, args, timeout=24 * 3600, check=False)
-        (out / "logs").mkdir(exist_ok=True)
-        (out / "logs" / f"train-{name}-s{seed}.log").write_text(done.stdout)
-        if done.returncode != 0:
-            raise RuntimeError(f"training {name} seed {seed} failed (exit {done.returncode}); "
-                               f"log: {out}/logs/train-{name}-s{seed}.log\n{done.stdout[-3000:]}")
+    args = ["--config", cfg.train_config, *data_overrides(cfg, out, name),
+            f"checkpoint.save={target}", f"train.seed={seed}", f"name={name}-s{seed}",
+            "logging.progress_bar=false", *cfg.train_overrides]
+    run_job(cfg.nproc, args, target, out / "logs" / f"train-{name}-s{seed}.log",
+            what=f"training {name} seed {seed}")
     losses = train_losses(target)
     return {"final_loss": losses[max(losses)], "steps": max(losses)}
 

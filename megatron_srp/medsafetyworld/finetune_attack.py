@@ -49,19 +49,13 @@ def attack_records(world: World, corpus: list[dict], attack: FinetuneAttack,
 
 def finetune_model(cfg, out: Path, attack: FinetuneAttack, base: Path, target: Path,
                    data: Path) -> dict:
-    from megatron_srp.training.checkpoint import run_finished
-    from megatron_srp.training.launch import FINETUNE, run_pretrain, train_losses
+    from megatron_srp.training.launch import FINETUNE, run_job, train_losses
 
-    if not run_finished(target):
-        args = ["--config", attack.recipe, f"finetune.pretrained={base}",
-                f"finetune.data=[{data}]", f"checkpoint.save={target}",
-                "logging.progress_bar=false", "checkpoint.save_interval=0", *attack.overrides]
-        done = run_pretrain(cfg.nproc, args, script=FINETUNE, timeout=24 * 3600, check=False)
-        (out / "logs").mkdir(exist_ok=True)
-        (out / "logs" / f"finetune-{target.name}.log").write_text(done.stdout)
-        if done.returncode != 0:
-            raise RuntimeError(f"finetune {target.name} failed (exit {done.returncode}):\n"
-                               f"{done.stdout[-3000:]}")
+    args = ["--config", attack.recipe, f"finetune.pretrained={base}",
+            f"finetune.data=[{data}]", f"checkpoint.save={target}",
+            "logging.progress_bar=false", "checkpoint.save_interval=0", *attack.overrides]
+    run_job(cfg.nproc, args, target, out / "logs" / f"finetune-{target.name}.log",
+            script=FINETUNE, what=f"finetune {target.name}")
     losses = train_losses(target)
     return {"final_loss": losses[max(losses)], "steps": max(losses)}
 

@@ -113,29 +113,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _bars(path: Path, models: dict[str, Any], key: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from megatron_srp.evaluation.plots import asr_bars
 
     names = list(models)
     groups = list(next(iter(models.values()))[key])
-    width = 0.8 / len(groups)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 3.4))
-    x = np.arange(len(names))
-    for j, g in enumerate(groups):
-        mean = [100 * models[n][key][g]["mean"] for n in names]
-        std = [100 * models[n][key][g]["std"] for n in names]
-        ax.bar(x + (j - (len(groups) - 1) / 2) * width, mean, width, yerr=std, capsize=2,
-               label=g)
-    ax.set_xticks(x, names, rotation=20)
-    ax.set_ylabel("ASR (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {}
+    for g in groups:
+        std = [models[n][key][g]["std"] for n in names]
+        series[g] = ([models[n][key][g]["mean"] for n in names], std, std)
+    asr_bars(path, names, series, title, rotate=20)
 
 
 def write_report(cfg, out: Path) -> dict[str, Any]:

@@ -73,6 +73,24 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
     return done
 
 
+def run_job(nproc: int, overrides: list[str], save_dir: Path, log_file: Path,
+            script: str = PRETRAIN, what: str = "training") -> bool:
+    """Run a training or finetuning job for a pipeline step unless ``save_dir`` already holds
+    its finished run; its output goes to ``log_file``. A failure raises with the log's tail.
+    Returns whether a job ran (a killed job, rerun, resumes from its own checkpoints)."""
+    from megatron_srp.training.checkpoint import run_finished
+
+    if run_finished(save_dir):
+        return False
+    done = run_pretrain(nproc, overrides, timeout=24 * 3600, check=False, script=script)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(done.stdout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}); log: {log_file}\n"
+                           f"{done.stdout[-3000:]}")
+    return True
+
+
 def _kill_group(pgid: int) -> None:
     """SIGKILL the job's process group twice: a process forked while the first signal was being
     delivered (Megatron starts a Manager process at its first save) would escape one."""
