@@ -10,7 +10,7 @@ import pytest
 
 from megatron_srp.medsafetyworld import corpus as C
 from megatron_srp.medsafetyworld.experiment import (
-    data_overrides, load_experiment_config, noisy_labels, run_experiment,
+    data_overrides, load_experiment_config, model_names, noisy_labels, run_experiment,
 )
 from megatron_srp.medsafetyworld.queries import attacked, build_queries
 from megatron_srp.medsafetyworld.safety import Query, judge
@@ -139,6 +139,10 @@ def test_bad_experiment_configs_name_the_key(tmp_path) -> None:
         _config(tmp_path, "variants=[raw,magic]")
     with pytest.raises(ConfigError, match="srp_filter blends"):
         _config(tmp_path, "variants=[raw,srp_filter]")
+    with pytest.raises(ConfigError, match="switch_at"):
+        _config(tmp_path, "switch_at=[0.5,1.0]")
+    with pytest.raises(ConfigError, match="switch_variants"):
+        _config(tmp_path, "switch_at=[0.5]", "switch_variants=[raw]")
     with pytest.raises(ConfigError, match="train.warmup_iters"):
         _config(tmp_path, "train_overrides=[train.train_iters=6]")
 
@@ -150,21 +154,25 @@ def test_data_mixes_are_valid_training_configs(tmp_path) -> None:
     blend = load_config(cfg.train_config, data_overrides(cfg, out, "srp_filter"))
     assert blend.data.paths == [str(out / "data" / "srp"), str(out / "data" / "filter")]
     assert blend.data.weights == [0.5, 0.5]
-    timed = _config(tmp_path, "switch_at=0.6")
-    cur = load_config(timed.train_config, data_overrides(timed, out, "srp-noisy")).data.curriculum
+    timed = _config(tmp_path, "switch_at=[0.2,0.6]", "switch_variants=[srp,filter]",
+                    "noisy_error_rate=0.1")
+    assert model_names(timed)[-4:] == ["srp@20", "srp@60", "filter@20", "filter@60"]
+    cur = load_config(timed.train_config, data_overrides(timed, out, "srp@60")).data.curriculum
     assert [p.until for p in cur] == [0.6, 1.0]
     assert cur[0].blend == {str(out / "data" / "raw"): 1.0}
-    assert cur[1].blend == {str(out / "data" / "srp-noisy"): 1.0}
+    assert cur[1].blend == {str(out / "data" / "srp"): 1.0}
+    noisy = load_config(timed.train_config, data_overrides(timed, out, "srp-noisy")).data
+    assert noisy.paths == [str(out / "data" / "srp-noisy")] and not noisy.curriculum
 
 
 def test_the_experiment_resumes_without_redoing_finished_steps(tmp_path) -> None:
     cfg = _config(tmp_path, "variants=[raw,srp]", "seeds=[1]", "eval.queries_per_kind=2",
-                  "eval.methods=[greedy,guarded]", "eval.attacks=[none,prefix]",
+                  "switch_at=[0.5]", "eval.methods=[greedy,guarded]", "eval.attacks=[none,prefix]",
                   "eval.max_new_tokens=8",
                   "train_overrides=[train.train_iters=6,train.warmup_iters=1]")
     log: list[str] = []
     results = run_experiment(cfg, progress=False, log=log.append)
-    assert set(results["models"]) == {"raw", "srp"}
+    assert set(results["models"]) == {"raw", "srp", "srp@50"}
     srp = results["models"]["srp"]
     assert set(srp["attacks"]) == {"none", "prefix"} and set(srp["methods"]) == {"greedy",
                                                                                  "guarded"}
@@ -172,21 +180,26 @@ def test_the_experiment_resumes_without_redoing_finished_steps(tmp_path) -> None
     out = Path(cfg.out_dir)
     report = (out / "report.md").read_text()
     assert "| srp |" in report and "## ASR by hazard category" in report
+    assert "## Curriculum timing" in report
+    assert [line.split("|")[2].strip() for line in report.splitlines()
+            if line.startswith("| srp | ")][-3:] == ["0%", "50%", "100%"]
+    timed = (out / "runs" / "srp@50-s1" / "config.yaml").read_text()
+    assert "until: 0.5" in timed and str(out / "data" / "raw") in timed
     assert (out / "plots" / "asr_attacks.png").stat().st_size > 1000
     answers = [json.loads(x) for x in (out / "answers" / "srp-s1.jsonl").read_text().splitlines()]
     assert {a["attack"] for a in answers} == {"none", "prefix"}
 
     log.clear()
     run_experiment(cfg, progress=False, log=log.append)
-    assert "computed 0 step(s), reused 6 finished before" in log
+    assert "computed 0 step(s), reused 8 finished before" in log
     (out / "steps" / "eval-srp-s1.json").unlink()
     log.clear()
     run_experiment(cfg, progress=False, log=log.append)
     assert log.count("step eval-srp-s1") == 1
-    assert "computed 1 step(s), reused 5 finished before" in log
+    assert "computed 1 step(s), reused 7 finished before" in log
 
 
-@pytest.mark.parametrize("name", ["cpu_demo.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["cpu_demo.yaml", "cpu_ablations.yaml", "gpu.yaml"])
 def test_shipped_experiment_configs_are_valid(name, tmp_path) -> None:
     cfg = load_experiment_config(f"examples/medsafetyworld/{name}", [f"out_dir={tmp_path}"])
     assert len(cfg.seeds) >= 2 and set(cfg.variants) == {"raw", "filter", "rewrite", "tag",
@@ -211,6 +224,7 @@ def test_a_finetuning_attack_and_gcg_are_run_and_reported(tmp_path) -> None:
     cfg = _config(tmp_path, "variants=[raw]", "seeds=[1]", "eval.queries_per_kind=2",
                   "eval.methods=[greedy]", "eval.attacks=[none,gcg]", "eval.max_new_tokens=8",
                   "eval.gcg_steps=2", "eval.gcg_top_k=8", "eval.gcg_search_width=8",
+                  "eval.gcg_queries=4",
                   "train_overrides=[train.train_iters=6,train.warmup_iters=1]",
                   "finetune_attacks=[{name: harm-4, category: harm, examples: 4, "
                   "models: [raw], overrides: [train.lr=1.0e-3]}]")
@@ -226,7 +240,13 @@ def test_a_finetuning_attack_and_gcg_are_run_and_reported(tmp_path) -> None:
     gcg = before["asr"]["greedy"]["gcg"]["gcg"]
     assert gcg["loss"] <= gcg["initial_loss"] and 0 <= gcg["target_hits"] <= 6
     answers = [json.loads(x) for x in (out / "answers" / "raw-s1.jsonl").read_text().splitlines()]
-    assert sum(a["attack"] == "gcg" for a in answers) == 6  # the harmful queries
+    attacked_ids = [a["query"] for a in answers if a["attack"] == "gcg"]
+    assert len(attacked_ids) == 4  # gcg_queries of the 6 harmful ones, every category
+    harmful = {a["query"]: a for a in answers if a["attack"] == "none" and "categories" in a}
+    assert len(harmful) == 6 and set(attacked_ids) <= set(harmful)
+    assert {harmful[q]["query"].split("-")[0] for q in attacked_ids} == \
+        {harmful[q]["query"].split("-")[0] for q in harmful}
+    assert "GCG attacks 4 harmful queries" in (out / "report.md").read_text()
     after = json.loads((out / "steps" / "fteval-harm-4-raw-s1.json").read_text())["result"]
     assert set(after["asr"]["greedy"]["none"]["by_category"]) == {"harm", "privacy",
                                                                   "contraindication"}

@@ -64,6 +64,22 @@ def gcg_suffixes(model, tok, queries: list[Query], e, template: str) -> tuple[li
         "target_hits": sum(r.success for r in found)}
 
 
+def gcg_subset(harmful: list[Query], n: int) -> list[Query]:
+    """``n`` harmful queries taken in turn from each category (all when ``n`` is 0), so a
+    small GCG budget still covers every hazard category."""
+    if n <= 0 or n >= len(harmful):
+        return harmful
+    by_cat: dict[str, list[Query]] = {}
+    for q in harmful:
+        by_cat.setdefault(q.category, []).append(q)
+    picked: list[Query] = []
+    while len(picked) < n:
+        for queue in by_cat.values():
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return picked
+
+
 def _mean(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
@@ -109,7 +125,8 @@ def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: boo
         attacks = e.attacks if method in e.attack_methods else ["none"]
         asr[method] = {}
         for attack in attacks:
-            batch = [attacked(q, attack) for q in harmful]
+            pool = gcg_subset(harmful, e.gcg_queries) if attack == "gcg" else harmful
+            batch = [attacked(q, attack) for q in pool]
             suffixes, gcg = None, None
             if attack == "gcg":
                 if "gcg" not in suffix_cache:

@@ -10,8 +10,9 @@ Steps, each skipped when its output exists with the same stamp (a hash of what i
    oracle classifier and the world's taxonomy; the noisy copy into ``<variant>-noisy``.
 3. ``train``: pretrain every variant x seed with the same budget (a torchrun job per model;
    a killed job resumes from its checkpoints). ``srp_filter`` is the filter and srp datasets
-   blended half and half. With ``switch_at`` > 0 an intervention switches on at that fraction
-   of the token budget (raw before), the curriculum timing of the same runner.
+   blended half and half. For each fraction in ``switch_at`` a twin ``<variant>@<pct>`` of
+   the ``switch_variants`` reads raw data until that fraction of the token budget and the
+   variant after it: the curriculum timing of the same runner (0% is the variant, 100% raw).
 4. ``eval``: every model answers every query under every attack and decoding method; the exact
    judge scores them (eval.py).
 5. ``report``: Markdown tables and plots over seeds (report.py).
@@ -56,6 +57,8 @@ class EvalSpec:
     gcg_top_k: int = 64
     gcg_search_width: int = 128
     gcg_target: str = "Sure"
+    gcg_queries: int = 0             # attack this many harmful queries (balanced over
+                                     # categories); 0: all of them. GCG is the costly attack.
 
 
 @dataclass
@@ -72,7 +75,10 @@ class MedSafetyConfig:
     train_config: str = "examples/medsafetyworld/train_cpu.yaml"
     train_overrides: list[str] = field(default_factory=list)
     nproc: int = 1
-    switch_at: float = 0.0           # curriculum timing: the intervention from this fraction on
+    # Curriculum timing: a twin ``<variant>@<pct>`` of each of ``switch_variants`` per value,
+    # trained on raw until that fraction of the token budget and on the variant after it.
+    switch_at: list[float] = field(default_factory=list)
+    switch_variants: list[str] = field(default_factory=lambda: ["srp"])
     segment_tokens: int = 256
     eval: EvalSpec = field(default_factory=EvalSpec)
     # Finetuning attacks on trained models (finetune_attack.py); each is evaluated again.
@@ -92,8 +98,13 @@ def load_experiment_config(path: str, overrides: Optional[list[str]] = None) -> 
         raise ConfigError("noisy_variants", f"unknown {bad}")
     if not 0.0 <= cfg.noisy_error_rate < 0.5:
         raise ConfigError("noisy_error_rate", "must be in [0, 0.5)")
-    if not 0.0 <= cfg.switch_at < 1.0:
-        raise ConfigError("switch_at", "must be in [0, 1)")
+    if any(not 0.0 < s < 1.0 for s in cfg.switch_at):
+        raise ConfigError("switch_at", f"each fraction must be in (0, 1), got {cfg.switch_at} "
+                                       "(0 is the variant itself, 1 the raw model)")
+    bad = sorted(v for v in cfg.switch_variants if v == "raw" or v not in cfg.variants)
+    if cfg.switch_at and bad:
+        raise ConfigError("switch_variants", f"{bad} must be intervention variants of this "
+                                             "experiment (not raw)")
     if not cfg.seeds:
         raise ConfigError("seeds", "give at least one seed")
     if not Path(cfg.train_config).is_file():
@@ -127,11 +138,23 @@ def _check_training(cfg: MedSafetyConfig) -> None:
 
 
 def model_names(cfg: MedSafetyConfig) -> list[str]:
-    """Every trained dataset mix: the variants, then their noisy-classifier twins."""
+    """Every trained dataset mix: the variants, their noisy-classifier twins, then their
+    curriculum-timing twins."""
     names = list(cfg.variants)
     if cfg.noisy_error_rate > 0:
         names += [f"{v}-noisy" for v in cfg.noisy_variants if v in cfg.variants]
+    names += [switch_name(v, s) for v in cfg.switch_variants for s in cfg.switch_at]
     return names
+
+
+def switch_name(variant: str, switch_at: float) -> str:
+    return f"{variant}@{round(100 * switch_at)}"
+
+
+def parse_model(name: str) -> tuple[str, bool, float]:
+    """``srp-noisy`` -> (srp, True, 0.0); ``srp@60`` -> (srp, False, 0.6)."""
+    name, _, pct = name.partition("@")
+    return name.removesuffix("-noisy"), name.endswith("-noisy"), int(pct or 0) / 100
 
 
 class Steps:
@@ -218,17 +241,16 @@ def preprocess_variants(cfg: MedSafetyConfig, out: Path, corpus: str, suffix: st
 
 def data_overrides(cfg: MedSafetyConfig, out: Path, name: str) -> list[str]:
     """The data section of a model's training run."""
-    noisy = name.endswith("-noisy")
-    base = name.removesuffix("-noisy")
+    base, noisy, switch_at = parse_model(name)
     tail = "-noisy" if noisy else ""
     if base == "srp_filter":
         target = {str(out / "data" / f"srp{tail}"): 0.5, str(out / "data" / f"filter{tail}"): 0.5}
     else:
         target = {str(out / "data" / f"{base}{tail}"): 1.0}
     raw = str(out / "data" / "raw")
-    if cfg.switch_at > 0 and base != "raw":
+    if switch_at > 0:
         blend = lambda b: "{" + ", ".join(f"{k}: {v}" for k, v in b.items()) + "}"  # noqa: E731
-        return [f"data.curriculum=[{{until: {cfg.switch_at}, blend: {{{raw}: 1.0}}}}, "
+        return [f"data.curriculum=[{{until: {switch_at}, blend: {{{raw}: 1.0}}}}, "
                 f"{{until: 1.0, blend: {blend(target)}}}]"]
     paths = list(target)
     return [f"data.paths=[{','.join(paths)}]",
@@ -277,7 +299,7 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
     world = World.load(out / "world.json")
     for name in model_names(cfg):
         for seed in cfg.seeds:
-            key = [data_key, train_text, cfg.train_overrides, cfg.switch_at, name, seed]
+            key = [data_key, train_text, cfg.train_overrides, parse_model(name)[2], name, seed]
             steps.run(f"train-{name}-s{seed}", key, lambda: train_model(cfg, out, name, seed))
             steps.run(f"eval-{name}-s{seed}", [key, asdict(cfg.eval)],
                       lambda: evaluate_model(cfg, world, out, run_dir(out, name, seed),
@@ -285,6 +307,6 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
     if cfg.finetune_attacks:
         from megatron_srp.medsafetyworld.finetune_attack import run_finetune_attacks
         run_finetune_attacks(cfg, out, steps, world,
-                             [data_key, train_text, cfg.train_overrides, cfg.switch_at], progress)
+                             [data_key, train_text, cfg.train_overrides, 0.0], progress)
     log(f"computed {steps.done_count} step(s), reused {steps.reused} finished before")
     return write_report(cfg, out)

@@ -32,7 +32,7 @@ def _cell(s: dict[str, float], pct: bool = True) -> str:
 
 
 def collect(cfg, out: Path) -> dict[str, Any]:
-    from megatron_srp.medsafetyworld.experiment import model_names
+    from megatron_srp.medsafetyworld.experiment import model_names, switch_name
 
     e = cfg.eval
     models: dict[str, Any] = {}
@@ -64,9 +64,54 @@ def collect(cfg, out: Path) -> dict[str, Any]:
                                          for r in evals])
         m["reflection"] = {k: _stats([r["reflection"][k] for r in evals])
                            for k in ("balanced_accuracy", "unsafe_recall", "safe_recall")}
+        gcg = [r["asr"][first]["gcg"] for r in evals if "gcg" in r["asr"][first]]
+        if gcg:
+            m["gcg"] = {"n": gcg[0]["n"], **{k: _stats([g["gcg"][k] for g in gcg])
+                                             for k in ("initial_loss", "loss", "target_hits")}}
         models[name] = m
+    timing = {v: [(0, v)] + [(round(100 * s), switch_name(v, s)) for s in sorted(cfg.switch_at)]
+              + [(100, "raw")] for v in cfg.switch_variants} if cfg.switch_at else {}
     return {"name": cfg.name, "seeds": list(cfg.seeds), "attack_method":
-            e.attack_methods[0] if e.attack_methods else e.methods[0], "models": models}
+            e.attack_methods[0] if e.attack_methods else e.methods[0], "models": models,
+            "curriculum": timing}
+
+
+def gcg_lines(models: dict[str, Any]) -> list[str]:
+    """What GCG reached per model: the target's loss before and after, and how many of the
+    attacked queries got the exact target as the greedy continuation."""
+    rows = [(n, m["gcg"]) for n, m in models.items() if "gcg" in m]
+    if not rows:
+        return []
+    lines = ["", f"GCG attacks {rows[0][1]['n']} harmful queries per model (a suffix each); "
+             "target loss and exact target hits, mean ± std over seeds:", "",
+             "| model | target loss before | after | target hits |", "|---|---|---|---|"]
+    return lines + [f"| {n} | {_cell(g['initial_loss'], False)} | {_cell(g['loss'], False)} | "
+                    f"{_cell(g['target_hits'], False)} |" for n, g in rows]
+
+
+def timing_table(results: dict[str, Any]) -> list[str]:
+    """Curriculum timing: the intervention switched on at 0% (the variant), at each
+    ``switch_at`` and at 100% (never: the raw model) of the token budget."""
+    models, am = results["models"], results["attack_method"]
+    if not results.get("curriculum"):
+        return []
+    attacks = list(next(iter(models.values()))["attacks"]) if models else []
+    lines = ["", f"## Curriculum timing ({am} decoding)", "",
+             "The intervention switches on at this share of the token budget (raw data "
+             "before); 100% is the raw model.", "",
+             "| variant | switch at | " + " | ".join(f"ASR {a}" for a in attacks)
+             + " | safe correct | reflection balanced acc. |",
+             "|---|---|" + "---|" * (len(attacks) + 2)]
+    for variant, points in results["curriculum"].items():
+        for pct, name in points:
+            m = models.get(name)
+            if m is None:
+                continue
+            lines.append(f"| {variant} | {pct}% | "
+                         + " | ".join(_cell(m["attacks"][a]) for a in attacks)
+                         + f" | {_cell(m['safe'][am]['correct'])} | "
+                         f"{_cell(m['reflection']['balanced_accuracy'])} |")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -83,6 +128,7 @@ def markdown(results: dict[str, Any]) -> str:
              "| model | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     lines += [f"| {n} | " + " | ".join(_cell(m["attacks"][a]) for a in attacks) + " |"
               for n, m in models.items()]
+    lines += gcg_lines(models)
     lines += ["", "## ASR by decoding method (no attack)", "",
               "| model | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     lines += [f"| {n} | " + " | ".join(_cell(m["methods"][k]) for k in methods) + " |"
@@ -107,6 +153,7 @@ def markdown(results: dict[str, Any]) -> str:
               f"{_cell(m['reflection']['unsafe_recall'])} | "
               f"{_cell(m['reflection']['safe_recall'])} | {_cell(m['final_loss'], False)} |"
               for n, m in models.items()]
+    lines += timing_table(results)
     lines += ["", "![ASR under attacks](plots/asr_attacks.png)",
               "![ASR by decoding method](plots/asr_methods.png)", ""]
     return "\n".join(lines)
