@@ -199,11 +199,13 @@ def test_the_experiment_resumes_without_redoing_finished_steps(tmp_path) -> None
     assert "computed 1 step(s), reused 7 finished before" in log
 
 
-@pytest.mark.parametrize("name", ["cpu_demo.yaml", "cpu_ablations.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["cpu_demo.yaml", "cpu_ablations.yaml", "cpu_noisy.yaml",
+                                  "gpu.yaml"])
 def test_shipped_experiment_configs_are_valid(name, tmp_path) -> None:
     cfg = load_experiment_config(f"examples/medsafetyworld/{name}", [f"out_dir={tmp_path}"])
-    assert len(cfg.seeds) >= 2 and set(cfg.variants) == {"raw", "filter", "rewrite", "tag",
-                                                          "srp", "srp_filter"}
+    assert len(cfg.seeds) >= 2
+    if name != "cpu_noisy.yaml":  # the ablation retrains only what it changes
+        assert set(cfg.variants) == {"raw", "filter", "rewrite", "tag", "srp", "srp_filter"}
 
 
 def test_finetune_attack_records_are_the_category_split_into_query_and_answer() -> None:
