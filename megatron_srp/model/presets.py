@@ -60,6 +60,12 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """Round the vocabulary up so every TP shard is the same size (as Megatron-LM does)."""
+    step = multiple * tensor_parallel
+    return ((vocab_size + step - 1) // step) * step
+
+
 def get_preset(name: str) -> ModelShape:
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")

@@ -11,14 +11,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_srp.config import ExperimentConfig
+from megatron_srp.model.presets import padded_vocab_size
 from megatron_srp.model.specs import block_spec, choose_backend
 from megatron_srp.training import compat
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
-    """Round the vocabulary up so every TP shard is the same size (as Megatron-LM does)."""
-    step = multiple * tensor_parallel
-    return ((vocab_size + step - 1) // step) * step
 
 
 def transformer_config(cfg: ExperimentConfig, precision: str) -> TransformerConfig:

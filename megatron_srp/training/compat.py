@@ -6,7 +6,8 @@ CUDA RNG state for the tensor-parallel RNG tracker, CUDA tensor type names in gr
 clipping, and CUDA streams in DDP. On a machine without a GPU, :func:`install` maps all of
 that onto the CPU so the *same* training code runs with the gloo backend, TP and PP included.
 On a CUDA machine it only picks the device. Nothing else in the project branches on the device:
-it asks this module (``device()``, ``backend()``, ``synchronize()``, ``peak_memory_bytes()``).
+it asks this module (``device()``, ``backend()``, ``synchronize()``, ``peak_memory_bytes()``,
+``device_memory_bytes()``).
 
 Megatron-Core also assumes Apex or Transformer Engine for the optimizer. Without them it falls
 back to torch Adam, whose per-parameter ``step`` the distributed optimizer's checkpoint code
@@ -67,6 +68,13 @@ def peak_memory_bytes() -> int:
     if has_cuda():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def device_memory_bytes() -> Optional[int]:
+    """Total memory of this process's GPU (None on CPU), what a run's estimate must fit in."""
+    if has_cuda():
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return None
 
 
 def device_rng_state() -> Optional[torch.Tensor]:

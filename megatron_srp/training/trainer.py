@@ -22,7 +22,7 @@ from megatron_srp.model.init import layout_invariant_init
 from megatron_srp.model.provider import build_model_chunks
 from megatron_srp.model.specs import choose_backend
 from megatron_srp.training import checkpoint as ckpt
-from megatron_srp.training import compat, parallel
+from megatron_srp.training import compat, memory, parallel
 from megatron_srp.training.logger import RunLogger
 from megatron_srp.training.metrics import Stopwatch, Throughput
 from megatron_srp.training.optim import (
@@ -107,6 +107,9 @@ def pretrain(cfg: ExperimentConfig, platform: Optional[Platform] = None) -> Trai
 
     parallel.initialize(cfg)
     try:
+        if dist.get_rank() == 0:  # before the model exists: warn, never stop, if it cannot fit
+            memory.warn_if_short(cfg, world_size, tokenizer.vocab_size, precision,
+                                 compat.device_memory_bytes())
         return train_loop(cfg, tokenizer, precision, platform, PretrainData)
     finally:
         ckpt.stop_writer_processes()
