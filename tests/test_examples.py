@@ -1,6 +1,8 @@
-"""Every shipped example config loads and validates at its smallest world size (DP=1)."""
+"""Every shipped example config loads and validates: the examples/ configs at their smallest
+world size (DP=1), the examples/scale/ configs at the GPU count and layout their header states."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,44 @@ def test_evaluation_examples_load() -> None:
     for path in sorted((EXAMPLES[0].parent / "eval").glob("*.yaml")):
         cfg = load_eval_config(path)
         assert cfg.checkpoints and cfg.data.labels, path
+
+
+SCALE = sorted((EXAMPLES[0].parent / "scale").glob("*.yaml"))
+_LAYOUT = re.compile(r"^# (\S+) on (\d+) GPUs \((\d+) nodes? x 8\): "
+                     r"TP=(\d+)(?: \(sequence parallel\))? x PP=(\d+)(?: \((\d+) virtual stages\))?"
+                     r" x DP=(\d+)$")
+
+
+@pytest.mark.parametrize("path", SCALE, ids=[p.stem for p in SCALE])
+def test_scale_config_is_valid_at_its_world_size(path):
+    """Each scale-out config validates on H100s at the GPU count its header states, and the
+    header's nodes and TP / PP / DP are the config's (DP = world / (TP x PP), TP within a node)."""
+    from megatron_srp.validation import data_parallel_size
+
+    lines = path.read_text().splitlines()
+    m = _LAYOUT.match(lines[0])
+    assert m, f"{path.name}: first line does not state the layout: {lines[0]!r}"
+    preset, gpus, nodes, tp, pp, vpp, dp = m.groups()
+    cfg = load_config(path)
+    stated = [float(x.split()[5]) for x in lines if x.startswith("# estimated memory per GPU:")]
+    from megatron_srp.training.memory import GIB, plan_memory
+    estimate = plan_memory(cfg, int(gpus)).total / GIB
+    assert stated and abs(stated[0] - estimate) < 0.05, (stated, estimate)  # header is current
+    assert estimate < 70  # fits an 80 GB GPU with the estimator's margin
+    p = cfg.parallel
+    validate(cfg, int(gpus), H100, check_files=False)
+    assert (cfg.model.preset, int(gpus), p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
+            data_parallel_size(cfg, int(gpus))) == (
+        preset, int(nodes) * 8, int(tp), int(pp), int(vpp) if vpp else None, int(dp))
+    assert p.tensor_model_parallel_size <= 8 and cfg.train.precision == "bf16"
+    sp_stated = "sequence parallel" in lines[0]
+    assert p.sequence_parallel == (p.tensor_model_parallel_size > 1) == sp_stated
+
+
+def test_scale_configs_cover_the_planned_sizes():
+    planned = {("smollm2-1.7b", 8), ("llama-7b", 8), ("llama-7b", 64), ("llama-70b", 64),
+               ("llama-70b", 256), ("llama-70b", 512)}
+    found = {(m.group(1), int(m.group(2))) for m in
+             (_LAYOUT.match(p.read_text().splitlines()[0]) for p in SCALE) if m}
+    assert found == planned

@@ -1,0 +1,232 @@
+"""Submit pretraining through NeMo-Run: torchrun on this machine, or a Slurm job.
+
+Teams that schedule with NeMo-Run (executors, SSH tunnels, experiment records) get the same job
+as ``examples/slurm/pretrain.sbatch``: one torchrun per node running ``tools/pretrain_srp.py
+--config FILE key=value ...``. The config is loaded and validated for the target's world size
+before anything is submitted, so a layout that cannot run never waits in a queue.
+
+NeMo-Run is optional and imported only when used (``pip install nemo_run``; docs/deployment.md).
+"""
+from __future__ import annotations
+
+import getpass
+import importlib
+import os
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional, Sequence, Union
+
+from megatron_srp.config import ConfigError, ExperimentConfig, load_config
+from megatron_srp.validation import Platform, validate
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN = "tools/pretrain_srp.py"
+# What a Slurm job is validated for: a Hopper GPU in the NGC container (Transformer Engine).
+CLUSTER_PLATFORM = Platform(has_cuda=True, capability=(9, 0), has_transformer_engine=True)
+# The job environment on GPU nodes; the same as examples/slurm/pretrain.sbatch sets.
+CLUSTER_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # TP / SP collectives are queued ahead of compute
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",  # frees communication buffers earlier
+    "NCCL_DEBUG": "WARN",
+    "OMP_NUM_THREADS": "8",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def require_nemo_run() -> ModuleType:
+    """The ``nemo_run`` module, or an ImportError that says what to install."""
+    try:
+        return importlib.import_module("nemo_run")
+    except ImportError as exc:
+        if exc.name == "nemo_run":
+            raise ImportError("NeMo-Run is not installed: pip install nemo_run "
+                              "(see docs/deployment.md, 'NeMo-Run')") from exc
+        # nemo_run 0.11.1 imports leptonai.api.v1, which leptonai 0.47 removed.
+        raise ImportError(f"NeMo-Run is installed but does not import ({exc}); "
+                          "pip install 'leptonai<0.47' fixes the known case") from exc
+
+
+@dataclass(frozen=True)
+class LocalTarget:
+    """torchrun on this machine: a workstation or one node."""
+
+    nproc_per_node: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node
+
+
+@dataclass(frozen=True)
+class SlurmTarget:
+    """An sbatch job of ``nodes`` nodes, one torchrun per node over ``gpus_per_node`` GPUs.
+
+    ``job_dir`` is where NeMo-Run keeps the job's files on the cluster. Without ``code_dir`` the
+    committed HEAD of this checkout is shipped with the job (NeMo-Run's GitArchivePackager);
+    with it, the job runs the checkout at that path on the cluster's shared filesystem.
+    ``container_image`` None runs in the nodes' own environment (``torchrun`` on PATH).
+    """
+
+    account: str
+    nodes: int
+    job_dir: str
+    container_image: Optional[str]
+    partition: Optional[str] = None
+    gpus_per_node: int = 8
+    time: str = "04:00:00"
+    container_mounts: tuple[str, ...] = ()
+    ssh_host: Optional[str] = None  # submit over SSH; None: sbatch here (a login node)
+    ssh_user: Optional[str] = None
+    code_dir: Optional[str] = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+Target = Union[LocalTarget, SlurmTarget]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What was (or, for a dry run, would be) run: the torchrun command line on this machine,
+    or the sbatch script; the NeMo-Run handle and final state when it was launched."""
+
+    rendered: str
+    handle: Optional[str] = None
+    state: Optional[str] = None
+
+
+def check_config(config: Optional[str], overrides: Sequence[str],
+                 target: Target) -> ExperimentConfig:
+    """The run's config, validated for the target's world size (ConfigError otherwise).
+
+    A shipped code copy has no ``data/`` or ``runs/``, so a Slurm job without ``code_dir`` must
+    name its datasets, tokenizer and checkpoints by absolute paths on the shared filesystem.
+    """
+    cfg = load_config(config, list(overrides))
+    local = isinstance(target, LocalTarget)
+    validate(cfg, target.world_size, Platform.detect() if local else CLUSTER_PLATFORM,
+             check_files=local)
+    if isinstance(target, SlurmTarget) and target.code_dir is None:
+        paths = [("data.paths" if not cfg.data.curriculum else "data.curriculum", p)
+                 for p in cfg.data.prefixes()]
+        paths += [("data.tokenizer", cfg.data.tokenizer), ("checkpoint.save", cfg.checkpoint.save),
+                  ("checkpoint.load", cfg.checkpoint.load)]
+        for key, path in paths:
+            if path and not os.path.isabs(path):
+                raise ConfigError(key, f"{path!r} is relative, but the job runs in a shipped copy "
+                                  "of the code; give an absolute path on the cluster's shared "
+                                  "filesystem, or run a checkout there (code_dir / --code-dir)")
+    return cfg
+
+
+def pretrain_script(config: Optional[str], overrides: Sequence[str], target: Target,
+                    layer_dir: Optional[str] = None) -> Any:
+    """The NeMo-Run Script: ``python tools/pretrain_srp.py --config FILE key=value ...``, which the
+    executor's torchrun launcher wraps. Locally the tool is named by its absolute path, on Slurm
+    relative to the job's code directory (its working directory).
+
+    NeMo-Run quotes the launcher's arguments for a shell, but its local scheduler starts them
+    without one, so an override such as ``data.paths=[a]`` would arrive with its quotes. Locally,
+    such overrides are written to a config layer in ``layer_dir`` whose ``base`` is ``config``.
+    """
+    run = require_nemo_run()
+    args = [*(["--config", str(config)] if config else []), *overrides]
+    path = PRETRAIN
+    if isinstance(target, LocalTarget):
+        path = str(REPO_ROOT / PRETRAIN)
+        if any(shlex.quote(a) != a for a in args):
+            args = ["--config", _config_layer(config, overrides, Path(layer_dir or "."))]
+    return run.Script(path=path, args=args, entrypoint="python")
+
+
+def _config_layer(config: Optional[str], overrides: Sequence[str], layer_dir: Path) -> str:
+    from omegaconf import OmegaConf
+
+    layer = OmegaConf.from_dotlist(list(overrides))
+    if config:
+        layer.base = os.path.abspath(config)
+    layer_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="overrides-", suffix=".yaml", dir=layer_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(OmegaConf.to_yaml(layer))
+    return path
+
+
+def local_executor(target: LocalTarget) -> Any:
+    """NeMo-Run's LocalExecutor with its torchrun launcher."""
+    run = require_nemo_run()
+    # NeMo-Run starts `torchrun` from PATH: this interpreter's environment comes first.
+    return run.LocalExecutor(ntasks_per_node=target.nproc_per_node, launcher="torchrun",
+                             env_vars={"PATH": str(Path(sys.executable).parent)})
+
+
+def slurm_executor(target: SlurmTarget) -> Any:
+    """NeMo-Run's SlurmExecutor: exclusive nodes, torchrun launcher, pyxis container."""
+    run = require_nemo_run()
+    from nemo_run.config import RUNDIR_NAME
+
+    if target.ssh_host:
+        tunnel = run.SSHTunnel(host=target.ssh_host, user=target.ssh_user or getpass.getuser(),
+                               job_dir=target.job_dir)
+    else:
+        tunnel = run.LocalTunnel(job_dir=target.job_dir)
+    mounts = list(target.container_mounts)
+    if target.code_dir:
+        packager = run.Packager(symlink_from_remote_dir=target.code_dir)
+        mounts.append(f"{target.code_dir}:{target.code_dir}")
+    else:
+        # Committed code only (git archive of HEAD); NeMo-Run needs the launch to be started
+        # from inside a git checkout.
+        packager = run.GitArchivePackager(basepath=str(REPO_ROOT))
+    # The job's code directory (its working directory) comes first on the import path, ahead
+    # of any copy of the project installed in the image.
+    env = {**CLUSTER_ENV, "PYTHONPATH": f"/{RUNDIR_NAME}/code", **target.env}
+    return run.SlurmExecutor(
+        account=target.account, partition=target.partition, nodes=target.nodes,
+        ntasks_per_node=target.gpus_per_node, gpus_per_node=target.gpus_per_node,
+        time=target.time, exclusive=True, container_image=target.container_image,
+        container_mounts=mounts, tunnel=tunnel, packager=packager, env_vars=env,
+        launcher="torchrun")
+
+
+def _render(dryrun_info: Any) -> str:
+    request = dryrun_info.request
+    if hasattr(request, "materialize"):  # Slurm: the sbatch script
+        return request.materialize()
+    return "\n".join(shlex.join(replica.args)  # local: each process NeMo-Run starts
+                     for replicas in request.role_params.values() for replica in replicas)
+
+
+def launch(target: Target, config: Optional[str], overrides: Sequence[str] = (), *,
+           name: str = "srp-pretrain", dryrun: bool = False, detach: bool = False,
+           base_dir: Optional[str] = None, quiet: bool = False) -> Submission:
+    """Validate, then run (or dry-run) the pretraining job as a NeMo-Run experiment.
+
+    A local job is waited for; a Slurm job too unless ``detach``. ``base_dir`` holds NeMo-Run's
+    experiment records (default ``$NEMORUN_HOME``, ``~/.nemo_run``).
+    """
+    check_config(config, overrides, target)
+    run = require_nemo_run()
+    layer_dir = os.path.join(base_dir or run.config.get_nemorun_home(), "srp-config-layers")
+    script = pretrain_script(config, overrides, target, layer_dir)
+    executor = (local_executor(target) if isinstance(target, LocalTarget)
+                else slurm_executor(target))
+    with run.Experiment(name, executor=executor, base_dir=base_dir, clean_mode=quiet,
+                        log_level="WARN" if quiet else "INFO") as exp:
+        exp.add(script, name=name, tail_logs=not (quiet or detach))
+        if dryrun:
+            exp.dryrun(log=False)
+        else:
+            exp.run(detach=detach)
+        job = exp.jobs[0]
+    # Leaving the experiment waited for the job. NeMo-Run keeps the request it rendered (the
+    # one it submits) on the job.
+    state = getattr(job.state, "name", None) if job.launched else None
+    return Submission(_render(job._dryrun_info), job.handle or None, state)

@@ -1,0 +1,74 @@
+"""Launch pretraining through NeMo-Run (pip install nemo_run), on this machine or on Slurm.
+
+    python tools/launch_nemo_run.py local --nproc-per-node 8 --config FILE [key=value ...]
+    python tools/launch_nemo_run.py slurm --account ACCT --partition PART --nodes 8 \\
+        --container-image IMAGE --job-dir /shared/nemo_run --config FILE [key=value ...]
+
+--dryrun prints the torchrun command (local) or the sbatch script (slurm) without running it.
+See docs/deployment.md.
+"""
+import argparse
+import sys
+
+from megatron_srp.config import ConfigError
+from megatron_srp.deploy.nemo_run import LocalTarget, SlurmTarget, launch
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="target", required=True)
+    local = sub.add_parser("local", help="torchrun on this machine")
+    local.add_argument("--nproc-per-node", type=int, default=1)
+    slurm = sub.add_parser("slurm", help="an sbatch job, one torchrun per node")
+    slurm.add_argument("--account", required=True)
+    slurm.add_argument("--partition")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, default=8)
+    slurm.add_argument("--time", default="04:00:00")
+    slurm.add_argument("--container-image", help="pyxis/enroot image (omit: --no-container)")
+    slurm.add_argument("--no-container", action="store_true",
+                       help="run in the nodes' own environment (torchrun on PATH)")
+    slurm.add_argument("--container-mount", action="append", default=[], metavar="SRC:DST")
+    slurm.add_argument("--job-dir", required=True, help="NeMo-Run's job files, on the cluster")
+    slurm.add_argument("--code-dir", help="a checkout on the cluster to run (default: ship this "
+                       "checkout's committed HEAD)")
+    slurm.add_argument("--ssh-host", help="submit over SSH (default: sbatch here)")
+    slurm.add_argument("--ssh-user")
+    slurm.add_argument("--detach", action="store_true", help="return once the job is queued")
+    for p in (local, slurm):
+        p.add_argument("--config", help="YAML file (see examples/, examples/scale/)")
+        p.add_argument("--name", default="srp-pretrain", help="NeMo-Run experiment name")
+        p.add_argument("--dryrun", action="store_true", help="print what would run, run nothing")
+        p.add_argument("overrides", nargs="*", help="key=value, e.g. train.train_iters=200")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.target == "local":
+        target = LocalTarget(args.nproc_per_node)
+    else:
+        if bool(args.container_image) == args.no_container:
+            parser.error("give exactly one of --container-image and --no-container")
+        target = SlurmTarget(
+            account=args.account, partition=args.partition, nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node, time=args.time, job_dir=args.job_dir,
+            container_image=args.container_image, container_mounts=tuple(args.container_mount),
+            code_dir=args.code_dir, ssh_host=args.ssh_host, ssh_user=args.ssh_user)
+    try:
+        done = launch(target, args.config, args.overrides, name=args.name, dryrun=args.dryrun,
+                      detach=getattr(args, "detach", False), quiet=args.dryrun)
+    except (ConfigError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dryrun:
+        print(done.rendered)
+        return 0
+    print(f"{done.handle}: {done.state}")
+    return 1 if done.state in ("FAILED", "CANCELLED", "UNKNOWN") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
