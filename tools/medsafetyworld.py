@@ -2,6 +2,8 @@
 
     python tools/medsafetyworld.py run --config examples/medsafetyworld/cpu_demo.yaml [key=value ...]
     python tools/medsafetyworld.py generate --seed 0 --out world/     # world, corpus, queries
+    python tools/medsafetyworld.py rejudge --config FILE [key=value ...]  # stored answers whose
+                                                                        # verdict has changed
 
 A rerun of `run` resumes: finished steps (world, data, each model's training and evaluation)
 are reused (docs/medsafetyworld.md).
@@ -18,6 +20,10 @@ def main(argv=None) -> int:
     run.add_argument("--config", required=True)
     run.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[1,2,3]")
     run.add_argument("--no-progress", action="store_true")
+    again = sub.add_parser("rejudge", help="list stored answers the current judge scores "
+                                           "differently (after a change of the judge)")
+    again.add_argument("--config", required=True)
+    again.add_argument("overrides", nargs="*")
     gen = sub.add_parser("generate", help="a world, its corpus and queries")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="directory to write into")
@@ -46,12 +52,27 @@ def main(argv=None) -> int:
             print(f"{facts} -> {out}/world.json, corpus.jsonl, queries.jsonl")
             return 0
         cfg = load_experiment_config(args.config, args.overrides)
+        if args.command == "rejudge":
+            return _rejudge(Path(cfg.out_dir))
         results = run_experiment(cfg, progress=not args.no_progress)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown(results))
     print(f"report: {cfg.out_dir}/report.md")
+    return 0
+
+
+def _rejudge(out) -> int:
+    from megatron_srp.medsafetyworld.eval import rejudge
+    from megatron_srp.medsafetyworld.world import World
+
+    changed = rejudge(World.load(out / "world.json"), out)
+    for c in changed:
+        print(f"{c['model']} {c['method']}/{c['attack']} {c['query']}: unsafe "
+              f"{c['unsafe'][0]} -> {c['unsafe'][1]}, correct {c['correct'][0]} -> "
+              f"{c['correct'][1]}: {c['answer']!r}")
+    print(f"{len(changed)} stored answer(s) judged differently by the current judge")
     return 0
 
 

@@ -108,23 +108,22 @@ def _reflection_accuracy(model, tok, world: World, queries: list[Query]) -> dict
 
 def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: bool,
                    template: str = "plain") -> dict:
-    """``template``: plain for pretrained models, chat for finetuned ones."""
+    """``template``: plain for pretrained models, chat for finetuned ones. The answers are
+    kept in ``<out>/answers/<checkpoint name>.jsonl``; the judge's numbers are computed from
+    them (``judged``), so a change of the judge re-scores without generating again."""
     from megatron_srp.inference.sample import load_for_inference
 
     e = cfg.eval
-    queries = [Query(**json.loads(line)) for line in
-               (out / "queries.jsonl").read_text().splitlines()]
-    harmful = [q for q in queries if q.harmful]
-    safe = [q for q in queries if not q.harmful]
+    queries = load_queries(out)
+    harmful = [q for q in queries.values() if q.harmful]
+    safe = [q for q in queries.values() if not q.harmful]
     model, tok, _ = load_for_inference(checkpoint)
     rows: list[dict] = []
-    asr: dict[str, dict[str, Any]] = {}
+    extra: dict[str, dict[str, Any]] = {}  # per method/attack: what the judge does not decide
     suffix_cache: dict[str, Any] = {}  # GCG suffixes are found once per model
     for method in e.methods:
         config = decoding(method, e.max_new_tokens, e.num_beams)
-        attacks = e.attacks if method in e.attack_methods else ["none"]
-        asr[method] = {}
-        for attack in attacks:
+        for attack in (e.attacks if method in e.attack_methods else ["none"]):
             pool = gcg_subset(harmful, e.gcg_queries) if attack == "gcg" else harmful
             batch = [attacked(q, attack) for q in pool]
             suffixes, gcg = None, None
@@ -133,33 +132,113 @@ def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: boo
                     suffix_cache["gcg"] = gcg_suffixes(model, tok, batch, e, template)
                 suffixes, gcg = suffix_cache["gcg"]
             results = _answer(model, tok, batch, config, e.batch_size, template, suffixes)
-            verdicts = [judge(world, q, r.text) for q, r in zip(batch, results)]
-            by_cat: dict[str, list[bool]] = {}
-            for q, v in zip(batch, verdicts):
-                by_cat.setdefault(q.category, []).append(v.unsafe)
-            asr[method][attack] = {"n": len(batch), "asr": _mean([v.unsafe for v in verdicts]),
-                                   "by_category": {c: _mean(f) for c, f in by_cat.items()},
-                                   "short_circuited": sum(r.short_circuited for r in results),
-                                   **({"gcg": gcg} if gcg else {})}
+            extra.setdefault(method, {})[attack] = {
+                "short_circuited": sum(r.short_circuited for r in results),
+                **({"gcg": gcg} if gcg else {})}
             rows += [{"method": method, "attack": attack, "query": q.id, "prompt": q.prompt,
-                      "answer": r.text, "unsafe": v.unsafe, "categories": v.categories,
-                      "reasons": v.reasons} for q, r, v in zip(batch, results, verdicts)]
-    safe_out: dict[str, Any] = {}
-    for method in e.methods:
-        config = decoding(method, e.max_new_tokens, e.num_beams)
+                      "answer": r.text, "harmful": True} for q, r in zip(batch, results)]
         results = _answer(model, tok, safe, config, e.batch_size, template)
-        verdicts = [judge(world, q, r.text) for q, r in zip(safe, results)]
-        refused = [r.short_circuited or any(x in r.text for x in REFUSALS) for r in results]
-        safe_out[method] = {
-            "n": len(safe), "correct": _mean([bool(v.correct) for v in verdicts]),
-            "correct_by_kind": {k: _mean([bool(v.correct) for q, v in zip(safe, verdicts)
-                                          if q.kind == k]) for k in ("dose", "prescribe")},
-            "unsafe": _mean([v.unsafe for v in verdicts]), "over_refusal": _mean(refused)}
+        extra[method]["safe"] = {"over_refusal": _mean(
+            [r.short_circuited or any(x in r.text for x in REFUSALS) for r in results])}
         rows += [{"method": method, "attack": "none", "query": q.id, "prompt": q.prompt,
-                  "answer": r.text, "correct": v.correct, "unsafe": v.unsafe}
-                 for q, r, v in zip(safe, results, verdicts)]
-    reflection = _reflection_accuracy(model, tok, world, queries)
+                  "answer": r.text, "harmful": False} for q, r in zip(safe, results)]
     answers = out / "answers" / f"{checkpoint.name}.jsonl"
     answers.parent.mkdir(exist_ok=True)
+    scores = judged(world, queries, rows)
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"asr": asr, "safe": safe_out, "reflection": reflection}
+    for method, by_attack in extra.items():
+        for attack, values in by_attack.items():
+            if attack == "safe":
+                scores["safe"][method].update(values)
+            else:
+                scores["asr"][method][attack].update(values)
+    return {**scores, "reflection": _reflection_accuracy(model, tok, world, list(queries.values())),
+            "answers": answers.name}
+
+
+JUDGE_VERSION = 2  # bump on any change to safety.judge: stored answers are then re-scored
+
+
+def load_queries(out: Path) -> dict[str, Query]:
+    return {q["id"]: Query(**q) for q in map(json.loads,
+                                             (out / "queries.jsonl").read_text().splitlines())}
+
+
+def judged(world: World, queries: dict[str, Query], rows: list[dict]) -> dict[str, Any]:
+    """The judge's numbers from answer rows (each row gets its verdict written in): ASR per
+    method and attack, overall and per category, and correctness on the safe queries."""
+    asr: dict[str, dict[str, Any]] = {}
+    safe: dict[str, Any] = {}
+    for row in rows:
+        q = queries[row["query"]]
+        v = judge(world, q, row["answer"])
+        row.update(unsafe=v.unsafe, categories=v.categories, reasons=v.reasons,
+                   correct=v.correct)
+        if row.get("harmful", q.harmful):
+            cell = asr.setdefault(row["method"], {}).setdefault(row["attack"], {"flags": {}})
+            cell["flags"].setdefault(q.category, []).append(v.unsafe)
+        else:
+            cell = safe.setdefault(row["method"], {"rows": []})
+            cell["rows"].append((q.kind, v))
+    for by_attack in asr.values():
+        for cell in by_attack.values():
+            flags = cell.pop("flags")
+            every = [f for fs in flags.values() for f in fs]
+            cell.update(n=len(every), asr=_mean(every),
+                        by_category={c: _mean(f) for c, f in flags.items()})
+    for cell in safe.values():
+        kv = cell.pop("rows")
+        cell.update(n=len(kv), correct=_mean([bool(v.correct) for _, v in kv]),
+                    correct_by_kind={k: _mean([bool(v.correct) for kind, v in kv if kind == k])
+                                     for k in ("dose", "prescribe")},
+                    unsafe=_mean([v.unsafe for _, v in kv]))
+    return {"asr": asr, "safe": safe, "judge": JUDGE_VERSION}
+
+
+def rescore(world: World, out: Path, result: dict, answers: str) -> dict:
+    """``result`` with the judge's numbers recomputed from its stored answers by the current
+    judge (what is not the judge's, such as GCG losses or over-refusal, is kept)."""
+    path = out / "answers" / answers
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    scores = judged(world, load_queries(out), rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    merged = {**result, "judge": JUDGE_VERSION, "answers": answers}
+    for method, by_attack in scores["asr"].items():
+        for attack, cell in by_attack.items():
+            merged["asr"][method][attack] = {**result["asr"][method][attack], **cell}
+    for method, cell in scores["safe"].items():
+        merged["safe"][method] = {**result["safe"][method], **cell}
+    return merged
+
+
+def ensure_current_judge(world: World, out: Path, step: str) -> bool:
+    """Re-score the evaluation step ``step`` (``eval-<model>-s<seed>`` or ``fteval-...``) from
+    its stored answers if an older judge scored it; True if it did."""
+    from megatron_srp.evaluation.suite import write_atomic
+
+    path = out / "steps" / f"{step}.json"
+    saved = json.loads(path.read_text())
+    if saved["result"].get("judge") == JUDGE_VERSION:
+        return False
+    answers = saved["result"].get("answers") or f"{step.split('-', 1)[1]}.jsonl"
+    saved["result"] = rescore(world, out, saved["result"], answers)
+    write_atomic(path, saved)
+    return True
+
+
+def rejudge(world: World, out: Path) -> list[dict]:
+    """Every stored answer (``<out>/answers/*.jsonl``) whose verdict the current judge gives
+    differently: how a change of the judge moves an experiment's numbers, without generating
+    anything again."""
+    queries = load_queries(out)
+    changed = []
+    for path in sorted((out / "answers").glob("*.jsonl")):
+        for row in map(json.loads, path.read_text().splitlines()):
+            v = judge(world, queries[row["query"]], row["answer"])
+            if v.unsafe != row["unsafe"] or ("correct" in row and v.correct != row["correct"]):
+                changed.append({"model": path.stem, **{k: row[k] for k in ("method", "attack",
+                                                                          "query", "answer")},
+                                "unsafe": [row["unsafe"], v.unsafe],
+                                "correct": [row.get("correct"), v.correct], "reasons": v.reasons})
+    return changed
+

@@ -71,7 +71,7 @@ def attack_table(cfg, out: Path) -> list[str]:
     and after each finetuning attack, mean over seeds."""
     if not cfg.finetune_attacks:
         return []
-    lines = ["## Finetuning attacks", "",
+    lines = ["", "## Finetuning attacks", "",
              "ASR % (greedy, no framing), mean over seeds, before -> after the finetune; "
              "'targeted' is the attack's category, 'others' the mean of the other categories.",
              "", "| attack | model | targeted | others | safe queries correct |",
@@ -102,12 +102,12 @@ def attack_table(cfg, out: Path) -> list[str]:
 
 
 def run_finetune_attacks(cfg, out: Path, steps, world: World, base_key: Any,
-                         progress: bool) -> None:
+                         progress: bool, log=print) -> None:
     """The finetuning-attack steps of the experiment (stamped like the others)."""
     from dataclasses import asdict
 
     from megatron_srp.medsafetyworld.eval import evaluate_model
-    from megatron_srp.medsafetyworld.experiment import run_dir
+    from megatron_srp.medsafetyworld.experiment import rescored, run_dir
 
     corpus = [json.loads(x) for x in (out / "corpus.jsonl").read_text().splitlines()]
     for fa in cfg.finetune_attacks:
@@ -132,3 +132,4 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, base_key: Any,
                 steps.run(f"fteval-{fa.name}-{model}-s{seed}", [key, asdict(cfg.eval)],
                           lambda: evaluate_model(cfg, world, out, target, progress,
                                                  template="chat"))
+                rescored(world, out, f"fteval-{fa.name}-{model}-s{seed}", log)
