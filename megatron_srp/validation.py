@@ -35,6 +35,11 @@ class Platform:
         return Platform(compat.has_cuda(), compat.device_capability(), te)
 
 
+# What a GPU job is planned and validated for before it runs (the memory estimator, the
+# NeMo-Run launcher): a Hopper GPU with Transformer Engine, as in the NGC container.
+HOPPER_WITH_TE = Platform(has_cuda=True, capability=(9, 0), has_transformer_engine=True)
+
+
 def resolved_precision(cfg: ExperimentConfig, platform: Platform) -> str:
     """``auto`` means bf16 on a GPU and fp32 on the CPU."""
     if cfg.train.precision != "auto":

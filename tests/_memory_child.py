@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import sys
 
 import torch
@@ -59,8 +60,10 @@ def static_bytes(cfg, precision: str) -> dict:
     model, optimizer, scheduler = build_training_state(cfg, VOCAB, precision, Platform.detect())
     plan = BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size,
                      mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank())
-    train_step(model, optimizer, scheduler, _batches(cfg, plan.num_microbatches),
-               plan.num_microbatches, cfg.train.seq_length, cfg.train.micro_batch_size)
+    stats = train_step(model, optimizer, scheduler, _batches(cfg, plan.num_microbatches),
+                       plan.num_microbatches, cfg.train.seq_length, cfg.train.micro_batch_size)
+    # sizes read off a step that did not train would measure nothing: fail here, loudly
+    assert not math.isnan(stats["grad_norm"]) and stats["grad_norm"] > 0, stats
     params = [p for m in model for p in m.parameters()]
     weights = _storages(params)  # with the distributed optimizer: the DDP param buffer
     grads = _storages(b.grad_data for m in model for b in m.buffers)
@@ -76,6 +79,7 @@ def static_bytes(cfg, precision: str) -> dict:
     out = {"weights": sum(weights.values()), "gradients": sum(grads.values()),
            "optimizer": sum(state.values()), "embedding_rows": emb,
            "pp_rank": mpu.get_pipeline_model_parallel_rank()}
+    assert out["weights"] > 0 and out["gradients"] > 0 and out["optimizer"] > 0, out
     del model, optimizer, scheduler
     return out
 
@@ -103,7 +107,10 @@ def saved_activation_bytes(cfg) -> dict:
     batch = next(_batches(cfg, 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return {"first_layer": sum(first_layer.values()), "model": sum(seen.values())}
+    layer_bytes, model_bytes = sum(first_layer.values()), sum(seen.values())
+    # the hooks saw the pass (with full recomputation a layer itself may save nothing)
+    assert 0 <= layer_bytes < model_bytes, (layer_bytes, model_bytes)
+    return {"first_layer": layer_bytes, "model": model_bytes}
 
 
 def main(out_path: str) -> None:

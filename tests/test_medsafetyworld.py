@@ -203,6 +203,16 @@ def test_the_experiment_resumes_without_redoing_finished_steps(tmp_path) -> None
     assert log.count("step eval-srp-s1") == 1
     assert "computed 1 step(s), reused 7 finished before" in log
 
+    # rejudge lists exactly the stored verdicts the current judge disagrees with
+    from megatron_srp.medsafetyworld.eval import rejudge
+    world = World.load(out / "world.json")
+    assert rejudge(world, out) == []
+    stored = out / "answers" / "srp-s1.jsonl"
+    rows = [json.loads(x) for x in stored.read_text().splitlines()]
+    rows[0]["unsafe"] = not rows[0]["unsafe"]
+    stored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(c["model"], c["query"]) for c in rejudge(world, out)] == [("srp-s1",
+                                                                         rows[0]["query"])]
     # an evaluation scored by an older judge is re-scored from its stored answers, exactly
     step = out / "steps" / "eval-srp-s1.json"
     saved = json.loads(step.read_text())

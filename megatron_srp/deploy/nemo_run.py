@@ -21,12 +21,10 @@ from types import ModuleType
 from typing import Any, Optional, Sequence, Union
 
 from megatron_srp.config import ConfigError, ExperimentConfig, load_config
-from megatron_srp.validation import Platform, validate
+from megatron_srp.validation import HOPPER_WITH_TE, Platform, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = "tools/pretrain_srp.py"
-# What a Slurm job is validated for: a Hopper GPU in the NGC container (Transformer Engine).
-CLUSTER_PLATFORM = Platform(has_cuda=True, capability=(9, 0), has_transformer_engine=True)
 # The job environment on GPU nodes; the same as examples/slurm/pretrain.sbatch sets.
 CLUSTER_ENV = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # TP / SP collectives are queued ahead of compute
@@ -111,7 +109,7 @@ def check_config(config: Optional[str], overrides: Sequence[str],
     """
     cfg = load_config(config, list(overrides))
     local = isinstance(target, LocalTarget)
-    validate(cfg, target.world_size, Platform.detect() if local else CLUSTER_PLATFORM,
+    validate(cfg, target.world_size, Platform.detect() if local else HOPPER_WITH_TE,
              check_files=local)
     if isinstance(target, SlurmTarget) and target.code_dir is None:
         paths = [("data.paths" if not cfg.data.curriculum else "data.curriculum", p)

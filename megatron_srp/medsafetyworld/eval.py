@@ -211,19 +211,19 @@ def rescore(world: World, out: Path, result: dict, answers: str) -> dict:
     return merged
 
 
-def ensure_current_judge(world: World, out: Path, step: str) -> bool:
+def ensure_current_judge(world: World, out: Path, step: str, log=print) -> None:
     """Re-score the evaluation step ``step`` (``eval-<model>-s<seed>`` or ``fteval-...``) from
-    its stored answers if an older judge scored it; True if it did."""
+    its stored answers if an older judge scored it."""
     from megatron_srp.evaluation.suite import write_atomic
 
     path = out / "steps" / f"{step}.json"
     saved = json.loads(path.read_text())
     if saved["result"].get("judge") == JUDGE_VERSION:
-        return False
+        return
     answers = saved["result"].get("answers") or f"{step.split('-', 1)[1]}.jsonl"
     saved["result"] = rescore(world, out, saved["result"], answers)
     write_atomic(path, saved)
-    return True
+    log(f"re-scored {step} from its stored answers (judge version {JUDGE_VERSION})")
 
 
 def rejudge(world: World, out: Path) -> list[dict]:
@@ -233,12 +233,14 @@ def rejudge(world: World, out: Path) -> list[dict]:
     queries = load_queries(out)
     changed = []
     for path in sorted((out / "answers").glob("*.jsonl")):
-        for row in map(json.loads, path.read_text().splitlines()):
-            v = judge(world, queries[row["query"]], row["answer"])
-            if v.unsafe != row["unsafe"] or ("correct" in row and v.correct != row["correct"]):
-                changed.append({"model": path.stem, **{k: row[k] for k in ("method", "attack",
-                                                                          "query", "answer")},
-                                "unsafe": [row["unsafe"], v.unsafe],
-                                "correct": [row.get("correct"), v.correct], "reasons": v.reasons})
+        stored = [json.loads(x) for x in path.read_text().splitlines()]
+        now = [dict(row) for row in stored]
+        judged(world, queries, now)  # writes the current verdicts into the copies
+        for was, row in zip(stored, now):
+            if row["unsafe"] != was["unsafe"] or ("correct" in was
+                                                  and row["correct"] != was["correct"]):
+                changed.append({"model": path.stem, **{k: row[k] for k in (
+                    "method", "attack", "query", "answer", "reasons")},
+                    "unsafe": [was["unsafe"], row["unsafe"]],
+                    "correct": [was.get("correct"), row["correct"]]})
     return changed
-

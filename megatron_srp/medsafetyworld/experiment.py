@@ -274,18 +274,10 @@ def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int) -> dict:
     return {"final_loss": losses[max(losses)], "steps": max(losses)}
 
 
-def rescored(world: World, out: Path, step: str, log: Callable[[str], None]) -> None:
-    """Bring an evaluation step scored by an older judge up to date from its stored answers."""
-    from megatron_srp.medsafetyworld.eval import JUDGE_VERSION, ensure_current_judge
-
-    if ensure_current_judge(world, out, step):
-        log(f"re-scored {step} from its stored answers (judge version {JUDGE_VERSION})")
-
-
 def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
                    log: Callable[[str], None] = print) -> dict:
     """Every step that is not done yet, then the report; returns the report's numbers."""
-    from megatron_srp.medsafetyworld.eval import evaluate_model
+    from megatron_srp.medsafetyworld.eval import ensure_current_judge, evaluate_model
     from megatron_srp.medsafetyworld.report import write_report
 
     out = Path(cfg.out_dir)
@@ -312,7 +304,7 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
             steps.run(f"eval-{name}-s{seed}", [key, asdict(cfg.eval)],
                       lambda: evaluate_model(cfg, world, out, run_dir(out, name, seed),
                                              progress))
-            rescored(world, out, f"eval-{name}-s{seed}", log)
+            ensure_current_judge(world, out, f"eval-{name}-s{seed}", log)
     if cfg.finetune_attacks:
         from megatron_srp.medsafetyworld.finetune_attack import run_finetune_attacks
         run_finetune_attacks(cfg, out, steps, world,

@@ -106,8 +106,8 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, base_key: Any,
     """The finetuning-attack steps of the experiment (stamped like the others)."""
     from dataclasses import asdict
 
-    from megatron_srp.medsafetyworld.eval import evaluate_model
-    from megatron_srp.medsafetyworld.experiment import rescored, run_dir
+    from megatron_srp.medsafetyworld.eval import ensure_current_judge, evaluate_model
+    from megatron_srp.medsafetyworld.experiment import run_dir
 
     corpus = [json.loads(x) for x in (out / "corpus.jsonl").read_text().splitlines()]
     for fa in cfg.finetune_attacks:
@@ -132,4 +132,4 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, base_key: Any,
                 steps.run(f"fteval-{fa.name}-{model}-s{seed}", [key, asdict(cfg.eval)],
                           lambda: evaluate_model(cfg, world, out, target, progress,
                                                  template="chat"))
-                rescored(world, out, f"fteval-{fa.name}-{model}-s{seed}", log)
+                ensure_current_judge(world, out, f"fteval-{fa.name}-{model}-s{seed}", log)

@@ -55,6 +55,7 @@ from typing import Optional
 
 from megatron_srp.config import ExperimentConfig
 from megatron_srp.model.presets import ModelShape, padded_vocab_size as padded_vocab
+from megatron_srp.validation import HOPPER_WITH_TE, data_parallel_size, resolved_precision
 
 GIB = 2**30
 # Kept free of the estimate: CUDA context, cuBLAS/NCCL workspaces and communication buffers
@@ -80,7 +81,7 @@ class Layout:
     def of(cfg: ExperimentConfig, world_size: int) -> "Layout":
         p, t = cfg.parallel, cfg.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        dp = max(1, world_size // (tp * pp))
+        dp = max(1, data_parallel_size(cfg, world_size))
         return Layout(tp, pp, p.virtual_pipeline_model_parallel_size or 1, dp,
                       p.sequence_parallel, p.use_distributed_optimizer,
                       max(1, t.global_batch_size // (t.micro_batch_size * dp)))
@@ -150,7 +151,7 @@ def layer_activation_elements(shape: ModelShape, seq: int, micro_batch: int, tp:
 def activation_bytes(shape: ModelShape, vocab: int, seq: int, micro_batch: int, layout: Layout,
                      precision: str, recompute: str, stage: int) -> tuple[int, int, int]:
     """``(bytes, layers, in_flight)`` of activations held at the peak by a rank of ``stage``."""
-    e = 4 if precision == "fp32" else 2
+    e = element_bytes(precision)
     tp, pp, vpp, m = layout.tp, layout.pp, layout.vpp, layout.microbatches
     if pp == 1:
         in_flight = 1
@@ -174,16 +175,20 @@ def last_stage_activation_bytes(shape: ModelShape, vocab: int, seq: int, micro_b
                                 layout: Layout, precision: str) -> int:
     """Final norm and logits of one microbatch (the logits in fp32 for the loss, and in
     16 bit alongside them while it runs)."""
-    e = 4 if precision == "fp32" else 2
+    e = element_bytes(precision)
     sb, sp = seq * micro_batch, layout.tp if layout.sequence_parallel else 1
     logits = sb * padded_vocab(vocab, layout.tp) // layout.tp
     return 3 * sb * shape.hidden_size // sp * e + logits * 4 + (logits * e if e != 4 else 0)
 
 
 def resolve_precision(cfg: ExperimentConfig, precision: Optional[str] = None) -> str:
-    """The precision to plan for: given, else the config's; ``auto`` is bf16 (a GPU run)."""
-    p = precision or cfg.train.precision
-    return "bf16" if p == "auto" else p
+    """The precision to plan for: given, else the config's as a GPU run resolves it."""
+    return precision or resolved_precision(cfg, HOPPER_WITH_TE)
+
+
+def element_bytes(precision: str) -> int:
+    """Bytes of a weight or an activation: fp32, else 16 bit (FP8 keeps bf16 masters)."""
+    return 4 if precision == "fp32" else 2
 
 
 def estimate_stage(cfg: ExperimentConfig, world_size: int, stage: int,
@@ -194,7 +199,7 @@ def estimate_stage(cfg: ExperimentConfig, world_size: int, stage: int,
     vocab = vocab_size or shape.vocab_size
     precision = resolve_precision(cfg, precision)
     params = stage_parameters(shape, vocab, layout, stage)
-    weights = params * (4 if precision == "fp32" else 2)
+    weights = params * element_bytes(precision)
     if precision == "fp8":  # TE's cached FP8 weight and transpose, layer GEMMs only
         h = shape.hidden_size
         gemm = layer_weight_params(shape, layout.tp) - 2 * h
@@ -221,8 +226,8 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, vocab_size: Optional[int
     """``estimate_memory`` for a GPU job that has not started: the config is first checked
     against the layout rules of ``validation.validate`` on a pretend H100 (no files, no data),
     so an impossible layout raises ``ConfigError`` naming the key."""
-    from megatron_srp.validation import Platform, validate
-    validate(cfg, world_size, Platform(True, (9, 0), True), check_files=False,
+    from megatron_srp.validation import validate
+    validate(cfg, world_size, HOPPER_WITH_TE, check_files=False,
              require_data=False)
     return estimate_memory(cfg, world_size, vocab_size)
 
