@@ -10,13 +10,36 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+NO_SHARED_DATA = "shared data directory"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Real corpora for tests: ``$SRP_SHARED_DATA``, default ``<repo>/../shared/data``."""
+    """Real corpora for tests: ``$SRP_SHARED_DATA``, default ``<repo>/../shared/data``.
+
+    Missing, a test that needs them is skipped, and the end of the run says how many were; in
+    CI (``CI=true``) the run stops with an error instead, so a green CI run never means that
+    most of the suite did not run."""
     path = Path(os.environ.get("SRP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
     if not path.is_dir():
-        pytest.skip(f"shared data directory {path} not found (set SRP_SHARED_DATA to its location)")
+        message = (f"{NO_SHARED_DATA} {path} not found (set SRP_SHARED_DATA to its location)")
+        if _in_ci():
+            pytest.exit(f"CI=true and {message}: the tests that need it cannot run", returncode=1)
+        pytest.skip(message)
     return path
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if NO_SHARED_DATA in str(getattr(r, "longrepr", ""))]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} test(s) skipped: no shared data (set SRP_SHARED_DATA; with CI=true "
+            f"this fails the run)", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")

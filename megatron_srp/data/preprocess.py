@@ -11,7 +11,6 @@ completes, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import multiprocessing
 import os
@@ -53,6 +52,7 @@ from megatron_srp.data.shards import DEFAULT_SHARD_BYTES, ReaderOptions, ShardSp
 from megatron_srp.data.tokenizer import SRPTokenizer
 from megatron_srp.data.variants import VariantSpec, build_variants
 from megatron_srp.reflection.segment import SegmentConfig
+from megatron_srp.units import read_json, stamp, write_atomic
 
 BACKENDS = ("local", "ray")
 __all__ = ["PreprocessConfig", "PreprocessError", "RunResult", "run_preprocess", "preprocess",
@@ -247,15 +247,14 @@ def _describe(config: PreprocessConfig, tokenizer: SRPTokenizer, stages: Sequenc
 def _prepare_work_dir(work_dir: Path, describe: dict[str, Any], specs: Sequence[ShardSpec]
                       ) -> tuple[dict[int, dict[str, Any]], int]:
     """Results of the shards an earlier run of the same configuration finished."""
-    run_hash = hashlib.sha256(json.dumps(describe, sort_keys=True).encode()).hexdigest()[:16]
+    run_hash = stamp(describe)  # the shards' stamp: configuration, inputs, tokenizer
     run_file = work_dir / "run.json"
     if run_file.is_file():
-        previous = json.loads(run_file.read_text(encoding="utf-8"))
+        previous = read_json(run_file) or {}
         if previous.get("run_hash") != run_hash:
             shutil.rmtree(work_dir)  # another configuration or changed inputs: start afresh
     work_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"run_hash": run_hash, "shards": len(specs)}) + "\n",
-                        encoding="utf-8")
+    write_atomic(run_file, {"run_hash": run_hash, "shards": len(specs)})
     results = {}
     for spec in specs:
         path = done_path(work_dir, spec.index)

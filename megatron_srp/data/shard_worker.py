@@ -28,6 +28,7 @@ from megatron_srp.data.readers import InputError, Reject
 from megatron_srp.data.shards import ReaderOptions, ShardSpec, read_shard
 from megatron_srp.data.tokenizer import SRPTokenizer
 from megatron_srp.reflection.types import ClassifiedDocument
+from megatron_srp.units import write_atomic
 
 CHUNK_DOCS = 256
 CHUNK_CHARS = 1 << 20
@@ -293,10 +294,7 @@ def _chunks(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    write_atomic(path, text + "\n")
 
 
 _WORKER: Optional[ShardProcessor] = None

@@ -7,22 +7,24 @@ for the first, middle and last layer, one line per checkpoint.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Optional
+
+from megatron_srp.units import Units, write_atomic
 
 LAYERS = ("first", "middle", "last")
 
 
-def _load_units(out_dir: Path, names: list[str], units: list[str]) -> dict[str, dict[str, Any]]:
+def _load_units(out_dir: Path, wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The units ``wanted`` names (``"<checkpoint>/<unit>"`` -> stamp), stored with that stamp."""
+    store = Units(out_dir / "units")
     results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        results[name] = {}
-        for unit in units:
-            path = out_dir / "units" / name / f"{unit}.json"
-            if path.exists():
-                results[name][unit] = json.loads(path.read_text())["result"]
+    for name, want in wanted.items():
+        ck, unit = name.split("/", 1)
+        results.setdefault(ck, {})
+        saved = store.get(name, want)
+        if saved is not None:
+            results[ck][unit] = saved["result"]
     return results
 
 
@@ -119,20 +121,23 @@ def plot(results: dict[str, dict[str, Any]], out_dir: Path) -> list[str]:
     return written
 
 
-def write_report(cfg, names: list[str], units: list[str]) -> dict[str, Any]:
-    """results.json, report.md and the plots from the finished units under ``cfg.out_dir``."""
+def write_report(cfg, names: list[str], units: list[str], wanted: dict[str, str]
+                 ) -> dict[str, Any]:
+    """results.json, report.md and the plots from the units ``wanted`` names with their stamps
+    under ``cfg.out_dir``; other stored units are listed as stale at the end."""
     out_dir = Path(cfg.out_dir)
-    results = _load_units(out_dir, names, units)
+    results = _load_units(out_dir, wanted)
+    stale = Units(out_dir / "units").stale(wanted)
     complete = all(len(results[n]) == len(units) for n in names)
     figures = plot(results, out_dir)
     text = markdown(cfg, results)
     if figures:
         text += "\n" + "\n".join(f"![{f}]({f})" for f in figures) + "\n"
+    if stale:
+        text += ("\n## Stale units (not in this report)\n\n"
+                 + "".join(f"- {s['unit']}: {s['why']}\n" for s in stale))
     data = {"complete": complete, "labels": cfg.data.labels, "checkpoints": names,
-            "results": results, "figures": figures}
-    for path, content in ((out_dir / "results.json", json.dumps(data, indent=1) + "\n"),
-                          (out_dir / "report.md", text)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(content)
-        os.replace(tmp, path)
+            "results": results, "figures": figures, "stale": stale}
+    write_atomic(out_dir / "results.json", data)
+    write_atomic(out_dir / "report.md", text)
     return data

@@ -2,16 +2,15 @@
 
 A run is a list of **units**, one per (checkpoint, measurement): last-token activations,
 reflection accuracy by each method, linear probes. Each finished unit is written to
-``<out_dir>/units/<checkpoint>/<unit>.json`` atomically, stamped with a hash of everything it
-depends on (the checkpoint's iteration, the data and the suite's settings). A rerun skips units
-whose stamp matches, so an interrupted run picks up where it stopped and a changed setting
-recomputes only what it touches. A checkpoint is loaded only when one of its units is missing.
-After the units, the report is rebuilt from them: ``results.json``, ``report.md`` and plots.
+``<out_dir>/units/<checkpoint>/<unit>.json`` atomically, stamped (megatron_srp/units.py) with a
+hash of everything it depends on: the checkpoint (path, iteration, the stamp of the step that
+trained it), the data, the suite's settings and the metrics' version. A rerun skips units whose
+stamp matches, so an interrupted run picks up where it stopped and a changed setting recomputes
+only what it touches. A checkpoint is loaded only when one of its units is missing. After the
+units, the report is rebuilt from them: ``results.json``, ``report.md`` and plots.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from megatron_srp.config import ConfigError, load_yaml_config
+from megatron_srp.units import Units, run_stamp, stamp, unit_stamp, write_atomic
+
+__all__ = ["EvalConfig", "load_eval_config", "run_evaluation", "stamp", "write_atomic"]
+
+# In every unit's stamp: bump it on any change to how reflection accuracy or the probes are
+# computed, and stored units are computed again.
+METRIC_VERSION = 1
 
 
 @dataclass
@@ -93,17 +99,6 @@ def _validate(cfg: EvalConfig) -> None:
         raise ConfigError("probes.seeds", "at least one seed")
 
 
-def stamp(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 class _Checkpoint:
     """A checkpoint's units; the model is loaded on first need and dropped after."""
 
@@ -114,6 +109,9 @@ class _Checkpoint:
         self.fingerprint = fingerprint
         self.path = ckpt.resolve_checkpoint(spec.path)
         self.dir = Path(cfg.out_dir) / "units" / spec.name
+        self.stamp = stamp({"checkpoint": str(self.path.resolve()),
+                            "iteration": ckpt.read_run(self.path)["progress"]["iteration"],
+                            "run": run_stamp(spec.path) or run_stamp(self.path.parent)})
         self.loaded: Optional[tuple] = None
 
     def model(self):
@@ -167,25 +165,28 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True,
     units = _units(cfg)
     done = skipped = 0
     bar = tqdm(total=len(units) * len(cfg.checkpoints), desc="units", disable=not progress)
+    store = Units(Path(cfg.out_dir) / "units")
+    wanted: dict[str, str] = {}
     for spec in cfg.checkpoints:
         ck = _Checkpoint(spec, cfg, fingerprint)
         for unit in units:
-            unit_stamp = stamp(str(ck.path.resolve()), asdict(cfg.data), unit,
-                               _unit_settings(unit, cfg))
-            path = ck.dir / f"{unit}.json"
-            if path.exists() and json.loads(path.read_text()).get("stamp") == unit_stamp:
+            want = unit_stamp({"data": asdict(cfg.data), "unit": unit,
+                               "settings": _unit_settings(unit, cfg)}, [ck.stamp],
+                              METRIC_VERSION)
+            wanted[f"{spec.name}/{unit}"] = want
+            if store.done(f"{spec.name}/{unit}", want):
                 skipped += 1
             else:
                 result = _compute(unit, ck, segments, cfg, progress)
-                write_atomic(path, {"stamp": unit_stamp, "checkpoint": str(ck.path),
-                                    "unit": unit, "result": result})
+                store.put(f"{spec.name}/{unit}", want, result, checkpoint=str(ck.path),
+                          unit=unit)
                 done += 1
             bar.update(1)
         ck.release()
     bar.close()
     log(f"computed {done} unit(s), reused {skipped} finished before")
     from megatron_srp.evaluation.report import write_report
-    return write_report(cfg, [c.name for c in cfg.checkpoints], units)
+    return write_report(cfg, [c.name for c in cfg.checkpoints], units, wanted)
 
 
 def _activations(ck: _Checkpoint, segments, cfg: EvalConfig, progress: bool
@@ -195,7 +196,7 @@ def _activations(ck: _Checkpoint, segments, cfg: EvalConfig, progress: bool
     from megatron_srp.evaluation.probes import last_token_activations, probe_layers
 
     names = ("first", "middle", "last")
-    acts_stamp = stamp(str(ck.path.resolve()), asdict(cfg.data))
+    acts_stamp = stamp(ck.stamp, asdict(cfg.data))
     cache = ck.dir / "activations.npz"
     if cache.exists():
         data = np.load(cache)

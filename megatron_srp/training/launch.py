@@ -15,6 +15,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Optional
+
+from megatron_srp.units import prepare_run_dir, write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO_ROOT / "tools" / "pretrain_srp.py")
@@ -74,17 +77,30 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
 
 
 def run_job(nproc: int, overrides: list[str], save_dir: Path, log_file: Path,
-            script: str = PRETRAIN, what: str = "training") -> bool:
+            script: str = PRETRAIN, what: str = "training", stamp: Optional[str] = None,
+            settings: Any = None, log: Optional[Callable[[str], None]] = None) -> bool:
     """Run a training or finetuning job for a pipeline step unless ``save_dir`` already holds
     its finished run; its output goes to ``log_file``. A failure raises with the log's tail.
-    Returns whether a job ran (a killed job, rerun, resumes from its own checkpoints)."""
+    Returns whether a job ran (a killed job, rerun, resumes from its own checkpoints).
+
+    ``stamp``: the hash of what the run depends on (megatron_srp/units.py), recorded in
+    ``<save_dir>/unit_stamp.json`` before the job starts. A finished or partial run there with
+    another stamp (or none) is moved aside to ``<save_dir>.stale-<old stamp>`` and the job runs
+    afresh, so a changed setting never reuses or resumes the old model. ``settings``: what the
+    stamp was made from, kept beside it for readers."""
     from megatron_srp.training.checkpoint import run_finished
 
-    if run_finished(save_dir):
+    if stamp is not None:
+        state = prepare_run_dir(save_dir, stamp, settings)
+        if state.moved_to is not None and log is not None:
+            log(f"{what}: {save_dir} was trained under other settings; kept at "
+                f"{state.moved_to}, training again")
+        if state.state == "finished":
+            return False
+    elif run_finished(save_dir):
         return False
     done = run_pretrain(nproc, overrides, timeout=24 * 3600, check=False, script=script)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log_file.write_text(done.stdout)
+    write_atomic(log_file, done.stdout)
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {done.returncode}); log: {log_file}\n"
                            f"{done.stdout[-3000:]}")
