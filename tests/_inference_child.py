@@ -220,6 +220,15 @@ def guarded_checks(model, tok) -> dict:
                      "verdicts": [r["safe"] for r in res.reflections],
                      "after": [r["after_tokens"] for r in res.reflections],
                      "summary": guard_summary([res])}
+    # A model that never writes a label after the opener (' word' again): every reflection is
+    # malformed. Failing closed (the default) refuses at the first; failing open lets it through.
+    garbled = RuleModel(model, lambda t, p: {word: BIG})
+    for name, extra in (("malformed", {}), ("malformed_open", {"fail_open": True})):
+        res = decode_ids(garbled, tok, [prompt],
+                         GuardConfig(sampling=gen, segment_tokens=5, **extra))[0]
+        out[name] = {"finish": res.finish, "text": res.text, "short": res.short_circuited,
+                     "verdicts": [r["safe"] for r in res.reflections],
+                     "summary": guard_summary([res])}
     # Reading reflections on given contexts: the verdict follows the rule.
     m = RuleModel(model, rule_for(8))
     contexts = [tok.tokenize("one two"), tok.tokenize("one two three four five six seven eight nine ten")]

@@ -70,6 +70,16 @@ def test_guarded_decoding_stops_exactly_when_the_model_reads_unsafe(checks):
     assert fires["summary"]["fired"] == 1 and fires["summary"]["fired_rate"] == 1.0
 
 
+def test_guarded_decoding_refuses_on_a_malformed_reflection_unless_told_to_fail_open(checks):
+    closed, open_ = checks["guarded"]["malformed"], checks["guarded"]["malformed_open"]
+    assert closed["finish"] == "reflection" and closed["short"]
+    assert closed["text"] == checks["safebeam"]["safe_completion"]
+    assert closed["verdicts"] == [None] and closed["summary"]["malformed_reflections"] == 1
+    assert closed["summary"]["fired"] == 1
+    assert open_["finish"] == "length" and not open_["short"] and open_["text"] == " word" * 20
+    assert open_["verdicts"] == [None] * 4 and open_["summary"]["fired"] == 0
+
+
 def test_reading_reflections(checks):
     short, long = checks["guarded"]["read"]
     assert short["safe"] is True and short["p_unsafe"] < 0.01

@@ -10,6 +10,11 @@ gets the refusal; the result records the category the model named. On Safe the r
 in the model's context (as in its training data) but not in the text returned. A reflection the
 model opens by itself is read the same way.
 
+A safety monitor fails closed: a reflection that is malformed (no Safe / Unsafe label), or that
+was due but could not be read (the context window ran out first), counts as Unsafe and the user
+gets the refusal. ``GuardConfig(fail_open=True)`` lets such answers through instead; reports
+name which of the two a run used.
+
 All rows of a batch advance one position per step behind one KV cache: a row that is
 reflecting is fed its forced opener or its greedy label token while the others sample.
 """
@@ -44,6 +49,7 @@ class GuardConfig:
     refusal: str = SAFE_COMPLETION
     max_label_tokens: int = 12
     taxonomy: Optional[Taxonomy] = None  # the codes reflections may name; None: Llama Guard 3
+    fail_open: bool = False           # a malformed or missing reflection: True lets it through
 
     def __post_init__(self) -> None:
         if self.boundary not in ("budget", "sentence"):
@@ -149,8 +155,8 @@ def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             if not keep:
                 break
             if cache.length >= cache.max_length:
-                for j in keep:  # out of room: end what is left, unchecked
-                    _finish(rows[live[j]], tokenizer, "length")
+                for j in keep:  # out of room: what is left cannot be checked
+                    _unchecked(rows[live[j]], tokenizer, cfg)
                 break
             if len(keep) < len(live):
                 cache.select(keep)
@@ -160,7 +166,7 @@ def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
         model.train(was_training)
     for row in rows:
         if row.result is None:
-            _finish(row, tokenizer, "length")
+            _unchecked(row, tokenizer, cfg)
     return [row.result for row in rows]
 
 
@@ -176,10 +182,8 @@ def _advance(row: _Row, drawn: int, tokenizer: SRPTokenizer, ids: _Ids, cfg: Gua
             return drawn
         verdict = _parse(tokenizer, row.label, taxonomy)
         row.reflections.append({"after_tokens": len(row.out), **verdict.to_dict()})
-        if verdict.safe is False:
-            row.result = GenerationResult(ids=row.out, text=cfg.refusal, finish="reflection",
-                                          short_circuited=True, category=verdict.category,
-                                          reflections=row.reflections)
+        if verdict.safe is False or (verdict.safe is None and not cfg.fail_open):
+            _refuse(row, cfg, verdict.category)
             return None
         if row.ending is not None:
             _finish(row, tokenizer, row.ending)
@@ -210,6 +214,26 @@ def _end(row: _Row, tokenizer: SRPTokenizer, how: str, ids: _Ids) -> Optional[in
     return ids.open
 
 
+def _refuse(row: _Row, cfg: GuardConfig, category: Optional[str]) -> None:
+    row.result = GenerationResult(ids=row.out, text=cfg.refusal, finish="reflection",
+                                  short_circuited=True, category=category,
+                                  reflections=row.reflections)
+
+
+def _unchecked(row: _Row, tokenizer: SRPTokenizer, cfg: GuardConfig) -> None:
+    """The answer ends with text no reflection has read (one was due, or its last segment):
+    refused when failing closed, recorded as a missing reflection either way."""
+    if row.result is not None:
+        return
+    if row.since > 0 or row.mode != "text":
+        row.reflections.append({"after_tokens": len(row.out), "safe": None, "category": None,
+                                "label": "", "p_unsafe": None, "missing": True})
+        if not cfg.fail_open:
+            _refuse(row, cfg, None)
+            return
+    _finish(row, tokenizer, row.ending or "length")
+
+
 def _finish(row: _Row, tokenizer: SRPTokenizer, how: str) -> None:
     if row.result is None:
         row.result = GenerationResult(ids=row.out, text=_decode_continuation(
@@ -224,10 +248,13 @@ def guard_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
         key = r.category or "unspecified"
         categories[key] = categories.get(key, 0) + 1
     checks = sum(len(r.reflections) for r in results)
-    malformed = sum(1 for r in results for x in r.reflections if x["safe"] is None)
+    malformed = sum(1 for r in results for x in r.reflections
+                    if x["safe"] is None and not x.get("missing"))
+    missing = sum(1 for r in results for x in r.reflections if x.get("missing"))
     return {"answers": len(results), "fired": len(fired),
             "fired_rate": len(fired) / len(results) if results else 0.0,
-            "reflections_read": checks, "malformed_reflections": malformed,
+            "reflections_read": checks - missing, "malformed_reflections": malformed,
+            "missing_reflections": missing,
             "categories": dict(sorted(categories.items()))}
 
 
