@@ -1,7 +1,7 @@
 """The stage pipeline end to end at toy size on CPU: a pretrained tiny model -> an
 instruction-tuned one (a real finetune job), each measured by ASR per decoding method,
 over-refusal and GCG; the report agrees with the answers on disk; a rerun redoes nothing, and
-a lost unit is the only thing recomputed."""
+a lost unit is the only thing recomputed (judged again from its stored answers)."""
 from __future__ import annotations
 
 import json
@@ -96,8 +96,16 @@ def test_a_rerun_redoes_nothing_and_a_lost_unit_alone_is_recomputed(suite) -> No
     (Path(cfg.out_dir) / "units" / "base" / "overrefusal.json").unlink()
     messages.clear()
     run_suite(load_suite_config(path), progress=False, log=messages.append)
-    assert "stage base: overrefusal" in messages
+    # Its answers are on disk: it is judged again, not generated again.
+    assert "stage base: overrefusal, judged from its stored answers" in messages
     assert "computed 1 unit(s), reused 5 finished before" in messages
+    assert "generated answers for 0 unit(s), judged 1 from stored answers" in messages
+    (Path(cfg.out_dir) / "answers" / "base" / "overrefusal.json").unlink()
+    (Path(cfg.out_dir) / "units" / "base" / "overrefusal.json").unlink()
+    messages.clear()
+    run_suite(load_suite_config(path), progress=False, log=messages.append)
+    assert "stage base: overrefusal" in messages
+    assert "generated answers for 1 unit(s), judged 0 from stored answers" in messages
 
 
 def test_bad_suites_name_the_key(tmp_path) -> None:

@@ -39,8 +39,9 @@ def attack_ids(tokenizer, prompt: str, template: str = "plain",
 
 
 def decoding_config(method: str, max_new_tokens: int, seed: int, num_beams: int = 10,
-                    segment_tokens: int = 256):
-    """The decoding config a method name stands for."""
+                    segment_tokens: int = 256, guard_fail_open: bool = False):
+    """The decoding config a method name stands for. ``guard_fail_open``: guarded decoding lets
+    an answer through when its reflection is malformed or missing (default: refuse it)."""
     from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig
     from megatron_srp.inference.guarded import GuardConfig
     from megatron_srp.inference.sample import GenerationConfig
@@ -51,7 +52,8 @@ def decoding_config(method: str, max_new_tokens: int, seed: int, num_beams: int 
         "topk": lambda: topk,
         "beam": lambda: BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens),
         "safebeam": lambda: SafeBeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens),
-        "guarded": lambda: GuardConfig(sampling=topk, segment_tokens=segment_tokens),
+        "guarded": lambda: GuardConfig(sampling=topk, segment_tokens=segment_tokens,
+                                       fail_open=guard_fail_open),
     }
     if method not in builders:
         raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
@@ -62,45 +64,80 @@ def _sampled(method: str) -> bool:
     return method in ("topk", "guarded")
 
 
-def attack_eval(model, tokenizer, behaviors: Sequence[Behavior], methods: Sequence[str], judge,
-                samples: int = 5, max_new_tokens: int = 256, batch_size: int = 16,
-                num_beams: int = 10, segment_tokens: int = 256, template: str = "plain",
-                suffixes: Optional[Sequence[Sequence[int]]] = None,
-                progress: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
-    """ASR per method (overall and per category) plus every answer, for one model.
+def attack_answers(model, tokenizer, behaviors: Sequence[Behavior], methods: Sequence[str],
+                   samples: int = 5, max_new_tokens: int = 256, batch_size: int = 16,
+                   num_beams: int = 10, segment_tokens: int = 256, template: str = "plain",
+                   suffixes: Optional[Sequence[Sequence[int]]] = None,
+                   progress: Optional[Callable[[int], None]] = None,
+                   guard_fail_open: bool = False) -> dict[str, Any]:
+    """Every answer per method, unjudged: ``{method: {"samples_per_prompt", "answers": [{"id",
+    "answers": [{"text", "finish", "short_circuited", "category"}]}]}}``. Kept apart from the
+    judging so the answers can be saved before a judge (an endpoint that may be down) runs.
 
-    ``suffixes``: an adversarial suffix (token ids) per behaviour, e.g. from GCG; the judge
-    sees the request without it."""
+    ``suffixes``: an adversarial suffix (token ids) per behaviour, e.g. from GCG."""
     from megatron_srp.inference.generation import decode_ids
 
     if not behaviors:
         raise ValueError("no behaviours to attack with")
     if suffixes is not None and len(suffixes) != len(behaviors):
         raise ValueError(f"{len(suffixes)} suffixes for {len(behaviors)} behaviours")
-    prompts = [b.prompt for b in behaviors]
     ids = [attack_ids(tokenizer, b.prompt, template, suffixes[i] if suffixes else ())
            for i, b in enumerate(behaviors)]
-    categories = [b.category or "none" for b in behaviors]
     out: dict[str, Any] = {}
     for method in methods:
         rounds = samples if _sampled(method) else 1
-        harmful: list[list[bool]] = [[] for _ in behaviors]
         answers: list[list[dict]] = [[] for _ in behaviors]
         for seed in range(rounds):
-            config = decoding_config(method, max_new_tokens, seed, num_beams, segment_tokens)
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start:start + batch_size]
+            config = decoding_config(method, max_new_tokens, seed, num_beams, segment_tokens,
+                                     guard_fail_open)
+            for start in range(0, len(ids), batch_size):
                 results = decode_ids(model, tokenizer, ids[start:start + batch_size], config)
-                verdicts = judge.judge(chunk, [r.text for r in results])
-                for i, (r, v) in enumerate(zip(results, verdicts), start):
-                    harmful[i].append(v.harmful and not r.short_circuited)
+                for i, r in enumerate(results, start):
                     answers[i].append({"text": r.text, "finish": r.finish,
                                        "short_circuited": r.short_circuited,
-                                       "category": r.category, "harmful": harmful[i][-1]})
+                                       "category": r.category})
                 if progress is not None:
-                    progress(len(chunk))
-        shorted = sum(a["short_circuited"] for row in answers for a in row)
-        out[method] = {**attack_success(harmful, categories), "samples_per_prompt": rounds,
-                       "short_circuited": shorted,
+                    progress(len(results))
+        out[method] = {"samples_per_prompt": rounds,
                        "answers": [{"id": b.id, "answers": a} for b, a in zip(behaviors, answers)]}
     return out
+
+
+def judge_answers(answers: dict[str, Any], behaviors: Sequence[Behavior], judge
+                  ) -> dict[str, Any]:
+    """ASR per method (overall and per category) from the answers of :func:`attack_answers`,
+    every answer kept with its verdict. The judge sees the request without any suffix."""
+    prompts = [b.prompt for b in behaviors]
+    categories = [b.category or "none" for b in behaviors]
+    out: dict[str, Any] = {}
+    for method, got in answers.items():
+        rows = got["answers"]
+        if [r["id"] for r in rows] != [b.id for b in behaviors]:
+            raise ValueError(f"stored {method} answers are for other behaviours than these")
+        flat = [(i, a) for i, r in enumerate(rows) for a in r["answers"]]
+        verdicts = judge.judge([prompts[i] for i, _ in flat], [a["text"] for _, a in flat])
+        harmful: list[list[bool]] = [[] for _ in behaviors]
+        judged: list[list[dict]] = [[] for _ in behaviors]
+        for (i, a), v in zip(flat, verdicts):
+            harmful[i].append(bool(v.harmful) and not a["short_circuited"])
+            judged[i].append({**a, "harmful": harmful[i][-1]})
+        shorted = sum(a["short_circuited"] for _, a in flat)
+        out[method] = {**attack_success(harmful, categories),
+                       "samples_per_prompt": got["samples_per_prompt"],
+                       "short_circuited": shorted,
+                       "answers": [{"id": b.id, "answers": a} for b, a in zip(behaviors, judged)]}
+    return out
+
+
+def attack_eval(model, tokenizer, behaviors: Sequence[Behavior], methods: Sequence[str], judge,
+                samples: int = 5, max_new_tokens: int = 256, batch_size: int = 16,
+                num_beams: int = 10, segment_tokens: int = 256, template: str = "plain",
+                suffixes: Optional[Sequence[Sequence[int]]] = None,
+                progress: Optional[Callable[[int], None]] = None,
+                guard_fail_open: bool = False) -> dict[str, Any]:
+    """ASR per method (overall and per category) plus every answer, for one model: the
+    answers of :func:`attack_answers` judged by :func:`judge_answers`."""
+    answers = attack_answers(model, tokenizer, behaviors, methods, samples, max_new_tokens,
+                             batch_size, num_beams, segment_tokens, template, suffixes, progress,
+                             guard_fail_open)
+    return judge_answers(answers, behaviors, judge)

@@ -1,5 +1,9 @@
 """The attack-suite report, rebuilt from the finished units of stages.py.
 
+Only the units the current config names, each with the stamp the config gives it, enter the
+tables; anything else in ``units/`` (a benchmark since removed, a unit scored by another judge
+or of an older model) is listed as stale at the end of the report, never mixed in.
+
 ``results.json``: every unit's result without the answers (those stay in the unit files).
 ``report.md``: ASR per benchmark (stage x decoding method, with 95% intervals), per category,
 over-refusal classes per stage, and GCG (ASR with and without the suffix, the loss it reached).
@@ -8,12 +12,12 @@ the SRP paper's stage figures), ``overrefusal.png`` (stacked classes per stage),
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from megatron_srp.evaluation.overrefusal import CLASSES
 from megatron_srp.evaluation.plots import asr_bars
+from megatron_srp.units import Units, write_atomic
 
 
 def _strip_answers(result: Any) -> Any:
@@ -24,13 +28,18 @@ def _strip_answers(result: Any) -> Any:
     return result
 
 
-def load_units(out_dir: Path, stages: list[str]) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    for name in stages:
-        found[name] = {}
-        for file in sorted((out_dir / "units" / name).glob("*.json")):
-            found[name][file.stem] = json.loads(file.read_text())["result"]
-    return found
+def load_units(out_dir: Path, stages: list[str], wanted: dict[str, str]
+               ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The results of the wanted units (``"<stage>/<unit>"`` -> stamp) stored with that stamp,
+    per stage; and every other stored unit, as stale."""
+    store = Units(out_dir / "units")
+    found: dict[str, dict[str, Any]] = {name: {} for name in stages}
+    for name, want in wanted.items():
+        saved = store.get(name, want)
+        if saved is not None:
+            stage, unit = name.split("/", 1)
+            found[stage][unit] = saved["result"]
+    return found, store.stale(wanted)
 
 
 def _pct(x: float) -> str:
@@ -160,24 +169,54 @@ def _plots(out_dir: Path, units: dict, methods: list[str]) -> list[str]:
         fig.savefig(plots / "gcg.png", dpi=120)
         plt.close(fig)
         made.append("plots/gcg.png")
+    for old in plots.glob("*.png"):  # a figure of a unit no longer reported would mislead
+        if f"plots/{old.name}" not in made:
+            old.unlink()
     return made
 
 
-def write_stage_report(cfg) -> dict[str, Any]:
+def _guard_line(cfg) -> list[str]:
+    if "guarded" not in cfg.methods:
+        return []
+    if cfg.guard_fail_open:
+        return ["Guarded decoding **fails open**: an answer whose reflection is malformed or "
+                "missing is let through.", ""]
+    return ["Guarded decoding fails closed: an answer whose reflection is malformed or missing "
+            "is refused.", ""]
+
+
+def _stale_section(stale: list[dict[str, Any]]) -> list[str]:
+    if not stale:
+        return []
+    return (["## Stale units (not in this report)", "",
+             "Stored under `units/` but not part of this report: left over from an earlier "
+             "config, or scored with other settings, another model or another judge.", "",
+             "| unit | why | stamp |", "|---|---|---|"]
+            + [f"| {s['unit']} | {s['why']} | {s['stamp']} |" for s in stale] + [""])
+
+
+def write_stage_report(cfg, wanted: dict[str, str]) -> dict[str, Any]:
+    """report.md, results.json and plots from the units ``wanted`` names with their stamps."""
     out = Path(cfg.out_dir)
     stages = [s.name for s in cfg.stages]
-    units = load_units(out, stages)
+    units, stale = load_units(out, stages, wanted)
+    missing = sorted(n for n in wanted if n.split("/", 1)[1] not in units[n.split("/", 1)[0]])
     methods = list(cfg.methods)
     results = {"name": cfg.name, "stages": stages, "methods": methods,
-               "judge": cfg.judge.name, "units": _strip_answers(units)}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+               "judge": cfg.judge.name, "guard_fail_open": cfg.guard_fail_open,
+               "units": _strip_answers(units), "missing": missing, "stale": stale}
+    write_atomic(out / "results.json", results)
     plots = _plots(out, units, methods)
     judge = cfg.judge.name + (" (the offline default: refusal phrases only, the weakest judge)"
                               if cfg.judge.name == "refusal-keywords" else "")
     lines = [f"# Attack suite: {cfg.name}", "",
              f"Stages: {' -> '.join(stages)}. Judge: {judge}. Sampling methods: "
              f"{cfg.samples} samples per prompt, {cfg.max_new_tokens} new tokens.", ""]
+    lines += _guard_line(cfg)
+    if missing:
+        lines += [f"Not finished: {', '.join(missing)}.", ""]
     lines += _asr_tables(units, methods) + _overrefusal_table(units) + _gcg_table(units, methods)
     lines += [f"![{p}]({p})" for p in plots] + [""]
-    (out / "report.md").write_text("\n".join(lines))
+    lines += _stale_section(stale)
+    write_atomic(out / "report.md", "\n".join(lines))
     return results

@@ -9,16 +9,19 @@ Every stage is then measured by **units**: ASR per benchmark and decoding method
 on benign prompts, and GCG (suffixes optimised against that stage's model, then evaluated with
 every decoding method beside the same behaviours without a suffix).
 
-Resumable at every level: a finetune resumes from its own checkpoints and is skipped once it
-has finished; each unit is written atomically to ``<out_dir>/units/<stage>/<unit>.json``,
-stamped with the checkpoint and the settings it depends on, and skipped on a rerun when its
-stamp still matches. The report (stage_report.py) is rebuilt from the units every time.
+Resumable at every level, by the stamps of megatron_srp/units.py (docs/resumption.md): a
+finetune's stamp covers its recipe file, overrides, chat data (source, limit, file contents)
+and the stamp of the model it starts from; a finished finetune of the same stamp is reused, a
+killed one resumes, one of another stamp is moved aside and trained again. A unit's answers
+(``<out_dir>/answers/<stage>/<unit>.json``) are stamped with the model's stamp and the decoding
+settings and saved before the judge runs; its result (``<out_dir>/units/<stage>/<unit>.json``)
+with the answers' stamp, the judge and the judges' version. The report (stage_report.py) is
+rebuilt every time from the units the config names; leftovers are listed as stale.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,7 +29,7 @@ from omegaconf import OmegaConf
 
 from megatron_srp.config import ConfigError, load_yaml_config
 from megatron_srp.evaluation.attacks import METHODS, TEMPLATES
-from megatron_srp.evaluation.suite import stamp, write_atomic
+from megatron_srp.units import Units, file_stamp, run_stamp, stamp, unit_stamp, write_atomic
 
 
 @dataclass
@@ -96,6 +99,7 @@ class AttackSuiteConfig:
     batch_size: int = 16
     num_beams: int = 10
     segment_tokens: int = 256            # guarded decoding's reflection interval
+    guard_fail_open: bool = False        # guarded: a malformed reflection lets the answer pass
     overrefusal: OverRefusalSpec = field(default_factory=OverRefusalSpec)
     gcg: GCGSpec = field(default_factory=GCGSpec)
 
@@ -161,180 +165,118 @@ def validate_suite(cfg: AttackSuiteConfig) -> None:
 # Models of the stages
 
 
-def stage_model(cfg: AttackSuiteConfig, st: StageSpec, paths: dict[str, Path],
-                log: Callable[[str], None]) -> Path:
-    """The run directory of a stage's model; a finetune stage is trained (or resumed) here."""
-    if st.checkpoint is not None:
-        return Path(st.checkpoint)
+def _checkpoint_stamp(run: Path) -> str:
+    """A checkpoint stage's model: which checkpoint, at which step, and the stamp of the step
+    that trained it when one did."""
+    from megatron_srp.training import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint(run)
+    return stamp({"checkpoint": str(path.resolve()),
+                  "iteration": ckpt.read_run(path)["progress"]["iteration"],
+                  "run": run_stamp(run) or run_stamp(path.parent)})
+
+
+def _chat_data(cfg: AttackSuiteConfig, st: StageSpec, log: Callable[[str], None]
+               ) -> tuple[list[str], list[str]]:
+    """A finetune's chat files and their stamps; a ``source`` set is written (again) whenever
+    its stamp (source, limit) differs from the one it was written under."""
     from megatron_srp.data.chat_sources import write_chat_source
     from megatron_srp.evaluation.benchmarks import SHARED
-    from megatron_srp.training.checkpoint import run_finished
+
+    f = st.finetune
+    assert f is not None
+    if not f.source:
+        return list(f.data), [file_stamp(p) for p in f.data]
+    data = Units(Path(cfg.out_dir) / "data")
+    out = Path(cfg.out_dir) / "data" / f"{st.name}.jsonl"
+    want = unit_stamp({"source": f.source, "limit": f.limit, "seed": 0})
+    saved = data.get(st.name, want)
+    if saved is None or not out.is_file() or file_stamp(out) != saved["result"]["file"]:
+        n = write_chat_source(f.source, SHARED, out, f.limit)
+        data.put(st.name, want, {"records": n, "file": file_stamp(out)}, source=f.source,
+                 limit=f.limit)
+        log(f"stage {st.name}: {n} {f.source} records -> {out}")
+    return [str(out)], [want]
+
+
+def stage_model(cfg: AttackSuiteConfig, st: StageSpec, models: dict[str, tuple[Path, str]],
+                log: Callable[[str], None]) -> tuple[Path, str]:
+    """A stage's run directory and model stamp; a finetune stage is trained, resumed or (when
+    its stamp changed: recipe file, overrides, data, the model it starts from) trained again
+    here, the old run kept aside (megatron_srp/units.py)."""
+    if st.checkpoint is not None:
+        return Path(st.checkpoint), _checkpoint_stamp(Path(st.checkpoint))
     from megatron_srp.training.launch import FINETUNE, run_job
 
     f = st.finetune
     assert f is not None
     run_dir = Path(cfg.out_dir) / "models" / st.name
-    if run_finished(run_dir):
-        log(f"stage {st.name}: finetune finished before, reusing {run_dir}")
-        return run_dir
-    data = list(f.data)
-    if f.source:
-        out = Path(cfg.out_dir) / "data" / f"{st.name}.jsonl"
-        if not out.exists():
-            n = write_chat_source(f.source, SHARED, out, f.limit)
-            log(f"stage {st.name}: {n} {f.source} records -> {out}")
-        data = [str(out)]
-    log(f"stage {st.name}: finetuning {f.start} with {f.recipe} on {', '.join(data)}")
-    args = ["--config", f.recipe, f"finetune.pretrained={paths[f.start]}",
+    data, data_stamps = _chat_data(cfg, st, log)
+    start_dir, start_stamp = models[f.start]
+    settings = {"recipe": f.recipe, "recipe_content": file_stamp(f.recipe),
+                "overrides": list(f.overrides), "source": f.source, "limit": f.limit,
+                "start": f.start}
+    want = unit_stamp(settings, [start_stamp, *data_stamps])
+    args = ["--config", f.recipe, f"finetune.pretrained={start_dir}",
             f"finetune.data=[{','.join(data)}]", f"checkpoint.save={run_dir}",
             "logging.progress_bar=false", f"name={st.name}", *f.overrides]
-    run_job(f.nproc, args, run_dir, Path(cfg.out_dir) / "logs" / f"finetune-{st.name}.log",
-            script=FINETUNE, what=f"stage {st.name}: the finetune")
-    return run_dir
+    log(f"stage {st.name}: finetune of {f.start} with {f.recipe} on {', '.join(data)}")
+    ran = run_job(f.nproc, args, run_dir, Path(cfg.out_dir) / "logs" / f"finetune-{st.name}.log",
+                  script=FINETUNE, what=f"stage {st.name}: the finetune", stamp=want,
+                  settings={**settings, "reads": [start_stamp, *data_stamps]}, log=log)
+    if not ran:
+        log(f"stage {st.name}: finetune finished before, reusing {run_dir}")
+    return run_dir, want
 
 
 # --------------------------------------------------------------------------------------------
-# Units
-
-
-def _benchmark(name: str, path: Optional[str], limit: Optional[int], harmful: Optional[bool]):
-    from megatron_srp.evaluation.benchmarks import load_benchmark
-    items = load_benchmark(name, path)
-    if harmful is not None:
-        items = [b for b in items if b.harmful == harmful]
-    return items[:limit] if limit else items
-
-
-def _units(cfg: AttackSuiteConfig, st: StageSpec) -> list[str]:
-    units = [f"asr-{b.name}" for b in cfg.benchmarks if b.stages is None or st.name in b.stages]
-    if cfg.overrefusal.enabled:
-        units.append("overrefusal")
-    if cfg.gcg.enabled and st.name in cfg.gcg.stages:
-        units.append("gcg")
-    return units
-
-
-def _decode_settings(cfg: AttackSuiteConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("samples", "max_new_tokens", "num_beams",
-                                         "segment_tokens")}
-
-
-def _settings(cfg: AttackSuiteConfig, st: StageSpec, unit: str) -> dict[str, Any]:
-    """What a unit's result depends on besides the checkpoint: a change recomputes it."""
-    base = {"template": st.template, **_decode_settings(cfg)}
-    if unit == "overrefusal":  # one deterministic pass: the sample count does not matter
-        return {**base, "samples": None, **asdict(cfg.overrefusal)}
-    if unit.startswith("asr-"):
-        spec = next(b for b in cfg.benchmarks if f"asr-{b.name}" == unit)
-        return {**base, "benchmark": asdict(spec) | {"stages": None}, "methods": cfg.methods,
-                "judge": asdict(cfg.judge)}
-    return {**base, "gcg": asdict(cfg.gcg) | {"stages": None}, "methods": cfg.methods,
-            "judge": asdict(cfg.judge)}
-
-
-def _asr(model, tok, behaviors, cfg: AttackSuiteConfig, st: StageSpec, judge, desc: str,
-         progress: bool, suffixes=None) -> dict:
-    from tqdm import tqdm
-
-    from megatron_srp.evaluation.attacks import attack_eval
-
-    rounds = sum(cfg.samples if m in ("topk", "guarded") else 1 for m in cfg.methods)
-    bar = tqdm(total=rounds * len(behaviors), desc=desc, disable=not progress, leave=False)
-    try:
-        return attack_eval(model, tok, behaviors, cfg.methods, judge, samples=cfg.samples,
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                           num_beams=cfg.num_beams, segment_tokens=cfg.segment_tokens,
-                           template=st.template, suffixes=suffixes, progress=bar.update)
-    finally:
-        bar.close()
-
-
-def compute_unit(unit: str, model, tok, cfg: AttackSuiteConfig, st: StageSpec,
-                 progress: bool) -> dict:
-    from megatron_srp.evaluation.judges import build_judge
-
-    judge = build_judge(cfg.judge.name, **cfg.judge.options)
-    if unit.startswith("asr-"):
-        spec = next(b for b in cfg.benchmarks if f"asr-{b.name}" == unit)
-        behaviors = _benchmark(spec.name, spec.path, spec.limit, None)
-        return _asr(model, tok, behaviors, cfg, st, judge, f"{st.name}: {spec.name}", progress)
-    if unit == "overrefusal":
-        return _overrefusal(model, tok, cfg, st)
-    return _gcg(model, tok, cfg, st, judge, progress)
-
-
-def _overrefusal(model, tok, cfg: AttackSuiteConfig, st: StageSpec) -> dict:
-    from megatron_srp.evaluation.attacks import attack_ids, decoding_config
-    from megatron_srp.evaluation.overrefusal import build_overrefusal_judge, over_refusal_summary
-    from megatron_srp.inference.generation import decode_ids
-
-    o = cfg.overrefusal
-    benign = _benchmark(o.benchmark, None, o.limit, harmful=False)
-    config = decoding_config(o.method, cfg.max_new_tokens, 0, cfg.num_beams, cfg.segment_tokens)
-    results = []
-    for start in range(0, len(benign), cfg.batch_size):
-        chunk = benign[start:start + cfg.batch_size]
-        results += decode_ids(model, tok, [attack_ids(tok, b.prompt, st.template)
-                                           for b in chunk], config)
-    judge = build_overrefusal_judge(o.judge.name, **o.judge.options)
-    classes = judge.judge([b.prompt for b in benign], [r.text for r in results],
-                          [r.short_circuited for r in results])
-    return {**over_refusal_summary(classes), "benchmark": o.benchmark, "method": o.method,
-            "answers": [{"id": b.id, "text": r.text, "class": c}
-                        for b, r, c in zip(benign, results, classes)]}
-
-
-def _gcg(model, tok, cfg: AttackSuiteConfig, st: StageSpec, judge, progress: bool) -> dict:
-    from megatron_srp.evaluation.gcg import GCGConfig, optimize_suffix
-
-    g = cfg.gcg
-    behaviors = _benchmark(g.benchmark, None, g.behaviors, harmful=True)
-    gcfg = GCGConfig(steps=g.steps, top_k=g.top_k, search_width=g.search_width,
-                     target=g.target, template=st.template)
-    found = []
-    for b in behaviors:
-        r = optimize_suffix(model, tok, [b.prompt], gcfg, progress=progress)
-        found.append({"id": b.id, "suffix": r.suffix, "suffix_ids": r.suffix_ids,
-                      "initial_loss": r.initial_loss, "loss": r.loss, "steps": r.steps,
-                      "success": r.success, "seconds": r.seconds, "losses": r.losses})
-    plain = _asr(model, tok, behaviors, cfg, st, judge, f"{st.name}: gcg baseline", progress)
-    attacked = _asr(model, tok, behaviors, cfg, st, judge, f"{st.name}: gcg", progress,
-                    suffixes=[f["suffix_ids"] for f in found])
-    return {"benchmark": g.benchmark, "suffixes": found, "without_suffix": plain,
-            "with_suffix": attacked}
+# The run
 
 
 def run_suite(cfg: AttackSuiteConfig, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train what is missing, compute what is missing, rebuild the report; returns results."""
+    """Train what is missing or stale, answer what is missing, judge what is not judged,
+    rebuild the report from the units the config names; returns the results."""
+    from megatron_srp.evaluation import stage_units as su
+    from megatron_srp.evaluation.judges import JUDGE_VERSION
     from megatron_srp.evaluation.stage_report import write_stage_report
     from megatron_srp.inference.sample import load_for_inference, shutdown
     from megatron_srp.training import checkpoint as ckpt
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    paths: dict[str, Path] = {}
-    done = reused = 0
+    write_atomic(out / "suite.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    units, answers = Units(out / "units"), Units(out / "answers")
+    models: dict[str, tuple[Path, str]] = {}
+    wanted: dict[str, str] = {}
+    done = reused = generated = 0
     for st in cfg.stages:
-        paths[st.name] = stage_model(cfg, st, paths, log)
-        path = ckpt.resolve_checkpoint(paths[st.name])
-        iteration = ckpt.read_run(path)["progress"]["iteration"]
+        models[st.name] = stage_model(cfg, st, models, log)
+        path = ckpt.resolve_checkpoint(models[st.name][0])
         loaded = None
-        for unit in _units(cfg, st):
-            unit_stamp = stamp(str(path.resolve()), iteration, unit, _settings(cfg, st, unit))
-            file = out / "units" / st.name / f"{unit}.json"
-            if file.exists() and json.loads(file.read_text()).get("stamp") == unit_stamp:
+        for unit in su.unit_names(cfg, st):
+            name = f"{st.name}/{unit}"
+            said = unit_stamp(su.answer_settings(cfg, st, unit), [models[st.name][1]])
+            want = unit_stamp(su.judge_settings(cfg, unit), [said], JUDGE_VERSION)
+            wanted[name] = want
+            if units.done(name, want):
                 reused += 1
                 continue
-            if loaded is None:
-                loaded = load_for_inference(path)
-            log(f"stage {st.name}: {unit}")
-            result = compute_unit(unit, loaded[0], loaded[1], cfg, st, progress)
-            write_atomic(file, {"stamp": unit_stamp, "checkpoint": str(path), "stage": st.name,
-                                "unit": unit, "result": result})
+            meta = {"checkpoint": str(path), "stage": st.name, "unit": unit}
+            stored = answers.get(name, said)
+            if stored is None:
+                if loaded is None:
+                    loaded = load_for_inference(path)
+                log(f"stage {st.name}: {unit}")
+                stored = answers.put(name, said, su.generate(unit, loaded[0], loaded[1], cfg,
+                                                             st, progress), **meta)
+                generated += 1
+            else:
+                log(f"stage {st.name}: {unit}, judged from its stored answers")
+            units.put(name, want, su.score(unit, stored["result"], cfg), **meta)
             done += 1
         loaded = None
     shutdown()
     log(f"computed {done} unit(s), reused {reused} finished before")
-    return write_stage_report(cfg)
+    log(f"generated answers for {generated} unit(s), judged {done - generated} from stored "
+        f"answers")
+    return write_stage_report(cfg, wanted)
