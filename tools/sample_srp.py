@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--segment-tokens", type=int, default=256,
                         help="guarded: tokens between reflections, as the data's segmentation "
                              "budget (default: %(default)s)")
+    parser.add_argument("--guard-fail-open", action="store_true",
+                        help="guarded: let an answer through when its reflection is malformed "
+                             "or missing (default: refuse it)")
     args = parser.parse_args(argv)
 
     # Imported after argument parsing: Megatron-Core takes seconds to import.
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
                   "safebeam": lambda: SafeBeamConfig(**beam, top_n=args.top_n,
                                                      drop_fraction=args.drop_fraction),
                   "guarded": lambda: GuardConfig(sampling=gen, boundary=args.boundary,
-                                                 segment_tokens=args.segment_tokens)}
+                                                 segment_tokens=args.segment_tokens,
+                                                 fail_open=args.guard_fail_open)}
         config = method[args.method]()
     except ValueError as exc:
         parser.error(str(exc))
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
         if args.method in ("beam", "safebeam"):
             mode = f"{args.method}, {args.num_beams} beams"
         elif args.method == "guarded":
-            mode = f"guarded ({args.boundary}), {mode}"
+            mode = (f"guarded ({args.boundary}, fails "
+                    f"{'open' if args.guard_fail_open else 'closed'}), {mode}")
         print(f"# {path} ({cfg.name}, {cfg.model.preset}), {gen.max_new_tokens} new tokens, {mode}")
         results = decode(model, tokenizer, prompts, config)
         for i, (prompt, result) in enumerate(zip(prompts, results)):
