@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(index, fetch, header)
     print(text)
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps({"machine": machine, "index": index, "fetch": fetch},
-                                          indent=2) + "\n")
-        args.report.with_suffix(".md").write_text(text + "\n")
+        from megatron_srp.units import write_atomic
+        write_atomic(args.report, json.dumps({"machine": machine, "index": index,
+                                              "fetch": fetch}, indent=2) + "\n")
+        write_atomic(args.report.with_suffix(".md"), text + "\n")
         log(f"wrote {args.report} and {args.report.with_suffix('.md')}")
     return 0
 

@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     text = bench.markdown(report)
     print("\n" + text)
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
-        args.report.with_suffix(".md").write_text(text + "\n")
+        from megatron_srp.units import write_atomic
+        write_atomic(args.report, json.dumps(report, indent=1) + "\n")
+        write_atomic(args.report.with_suffix(".md"), text + "\n")
     return 0
 
 

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {code:>5}: P {prf['precision']:.3f} R {prf['recall']:.3f} "
               f"F1 {prf['f1']:.3f} (n={prf['support']})")
     if args.report:
-        args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        from megatron_srp.units import write_atomic
+        write_atomic(args.report, json.dumps(report, indent=2) + "\n")
     print(f"saved to {args.out_dir}")
 
 

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import psutil
 
 from megatron_srp.data.bench_corpus import MB, REPO_ROOT, build_corpus
+from megatron_srp.units import write_atomic
 
 CASES = ("ours-raw", "ours-srp", "megatron-lm")
 SKIP_NO_MEGATRON = "skipped megatron-lm: no Megatron-LM checkout given (--megatron-lm PATH)"
@@ -416,6 +417,6 @@ def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int
         log(f"tokenizer check: {check}")
     report_path = Path(report_path or work / "report.json")
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    report_path.with_suffix(".md").write_text(markdown_report(report), encoding="utf-8")
+    write_atomic(report_path, json.dumps(report, indent=2, default=str) + "\n")
+    write_atomic(report_path.with_suffix(".md"), markdown_report(report))
     return report

@@ -201,8 +201,8 @@ def run_preprocess(config: PreprocessConfig, tokenizer: SRPTokenizer,
                                totals, time.perf_counter() - started, config, resumed)
     summary = _summary(config, describe, totals, metas, time.perf_counter() - started, resumed,
                        len(specs))
-    layout.summary_md.write_text(markdown_summary(summary), encoding="utf-8")
-    layout.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_atomic(layout.summary_md, markdown_summary(summary))
+    write_atomic(layout.summary, json.dumps(summary, indent=2) + "\n")
     if not config.keep_work:
         shutil.rmtree(layout.work_dir, ignore_errors=True)
     return RunResult(layout, summary, metas)
