@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     gen = sub.add_parser("generate", help="a world, its corpus and queries")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="directory to write into")
-    gen.add_argument("--patients", type=int, default=40)
-    gen.add_argument("--drugs", type=int, default=12)
-    gen.add_argument("--conditions", type=int, default=6)
+    gen.add_argument("--patients", type=int, default=80)
+    gen.add_argument("--conditions", type=int, default=10)
+    gen.add_argument("--templates", default="", help="a template file (default: the shipped one)")
     args = parser.parse_args(argv)
 
     from megatron_srp import quiet_megatron_warnings
@@ -46,8 +46,9 @@ def main(argv=None) -> int:
         if args.command == "generate":
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            cfg = MedSafetyConfig(out_dir=str(out), world_seed=args.seed, world=WorldSize(
-                n_drugs=args.drugs, n_conditions=args.conditions, n_patients=args.patients))
+            cfg = MedSafetyConfig(out_dir=str(out), world_seed=args.seed,
+                                  templates=args.templates, world=WorldSize(
+                                      n_conditions=args.conditions, n_patients=args.patients))
             facts = make_world(cfg, out)
             print(f"{facts} -> {out}/world.json, corpus.jsonl, queries.jsonl")
             return 0
@@ -55,10 +56,11 @@ def main(argv=None) -> int:
         if args.command == "rejudge":
             return _rejudge(Path(cfg.out_dir))
         results = run_experiment(cfg, progress=not args.no_progress)
+        out = Path(cfg.out_dir)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(markdown(results))
+    print(markdown(results, out))
     print(f"report: {cfg.out_dir}/report.md")
     return 0
 

@@ -15,7 +15,7 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 #: The refusal phrases of the GCG paper's evaluation (llm-attacks), matched case-sensitively
 #: as substrings.
@@ -112,3 +112,19 @@ def attack_success(harmful: Sequence[Sequence[bool]], categories: Optional[Seque
             by[cat or "none"].append(h)
         out["by_category"] = {c: summary(g) for c, g in sorted(by.items())}
     return out
+
+
+def paired_test(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+    """Exact McNemar test of two systems judged on the same items (paired by position): the
+    two-sided binomial p-value of the discordant pairs, and their counts (``a_only``: items
+    where only ``a`` is True)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes differ in length: {len(a)} vs {len(b)}")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    n = a_only + b_only
+    if n == 0:
+        return {"p": 1.0, "a_only": 0, "b_only": 0, "n": len(a)}
+    k = min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return {"p": min(1.0, 2 * tail), "a_only": a_only, "b_only": b_only, "n": len(a)}

@@ -2,20 +2,24 @@
 
     python tools/medsafetyworld.py run --config examples/medsafetyworld/cpu_demo.yaml
 
-Steps, each skipped when its output exists with the same stamp (a hash of what it depends on):
+Steps, each a unit of megatron_srp/units.py: skipped when its stored stamp (a hash of what it
+depends on) is the stamp it would have now, recomputed otherwise, and so is what reads it.
 
-1. ``world``: generate the world, its corpus (oracle labels) and, for the noisy-classifier
-   ablation, a copy whose labels are wrong at a set rate; write the held-out queries.
-2. ``data``: preprocess the corpus into every variant (raw, filter, rewrite, tag, srp) with the
-   oracle classifier and the world's taxonomy; the noisy copy into ``<variant>-noisy``.
+1. ``world``: generate the world from the template file, its corpus (oracle labels) and, for
+   the noisy-classifier ablation, a copy whose labels are wrong at a set rate; write the
+   held-out queries.
+2. ``data``: preprocess the corpus into every variant (raw, filter, rewrite, withhold, tag,
+   srp) with the oracle classifier and the world's taxonomy; the noisy copy into
+   ``<variant>-noisy``.
 3. ``train``: pretrain every variant x seed with the same budget (a torchrun job per model;
-   a killed job resumes from its checkpoints). ``srp_filter`` is the filter and srp datasets
+   a killed job resumes from its checkpoints if its stamp matches; a run trained under other
+   settings is moved aside and trained again). ``srp_filter`` is the filter and srp datasets
    blended half and half. For each fraction in ``switch_at`` a twin ``<variant>@<pct>`` of
    the ``switch_variants`` reads raw data until that fraction of the token budget and the
    variant after it: the curriculum timing of the same runner (0% is the variant, 100% raw).
-4. ``eval``: every model answers every query under every attack and decoding method; the exact
-   judge scores them (eval.py).
-5. ``report``: Markdown tables and plots over seeds (report.py).
+4. ``eval``: every model answers every query under every attack and decoding method, and
+   reflects on its own answers; the exact judge scores them (eval.py).
+5. ``report``: the premise, the headline comparison with its tests, tables, plots (report.py).
 """
 from __future__ import annotations
 
@@ -26,20 +30,24 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from megatron_srp.config import ConfigError, load_yaml_config
-from megatron_srp.evaluation.suite import stamp, write_atomic
 from megatron_srp.medsafetyworld.corpus import CorpusConfig, build_corpus, write_corpus
 from megatron_srp.medsafetyworld.finetune_attack import FinetuneAttack
+from megatron_srp.medsafetyworld.templates import load_templates
 from megatron_srp.medsafetyworld.world import CATEGORIES, World, generate_world
+from megatron_srp.units import Units, file_stamp, stamp, write_atomic
 
-BASE_VARIANTS = ("raw", "filter", "rewrite", "tag", "srp")
+#: ``rewrite`` reframes unsafe passages with the world's own facts (SafeWeb's contextual
+#: rewriting); ``withhold`` replaces them with a fixed notice (filtering with a placeholder).
+BASE_VARIANTS = ("raw", "filter", "rewrite", "withhold", "tag", "srp")
 VARIANTS = BASE_VARIANTS + ("srp_filter",)
+METHODS = ("greedy", "safebeam", "guarded")
+WORLD_VERSION = 3  # bump on a change of the generator: finished worlds are then rebuilt
 
 
 @dataclass
 class WorldSize:
-    n_drugs: int = 12
-    n_conditions: int = 6
-    n_patients: int = 40
+    n_conditions: int = 10
+    n_patients: int = 80
 
 
 @dataclass
@@ -66,6 +74,7 @@ class MedSafetyConfig:
     name: str = "medsafetyworld"
     out_dir: str = "???"
     world_seed: int = 0
+    templates: str = ""              # the phrasing set (YAML); empty: the shipped default
     world: WorldSize = field(default_factory=WorldSize)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -107,6 +116,7 @@ def load_experiment_config(path: str, overrides: Optional[list[str]] = None) -> 
                                              "experiment (not raw)")
     if not cfg.seeds:
         raise ConfigError("seeds", "give at least one seed")
+    _check_world_and_eval(cfg)
     if not Path(cfg.train_config).is_file():
         raise ConfigError("train_config", f"no such file: {cfg.train_config}")
     _check_training(cfg)
@@ -123,6 +133,31 @@ def load_experiment_config(path: str, overrides: Optional[list[str]] = None) -> 
         if "greedy" not in cfg.eval.methods:
             raise ConfigError("eval.methods", "finetuning attacks are scored with greedy")
     return cfg
+
+
+def _check_world_and_eval(cfg: MedSafetyConfig) -> None:
+    """The template file, the world's size and the evaluation's names, before any step."""
+    from megatron_srp.medsafetyworld.queries import ATTACKS
+    from megatron_srp.medsafetyworld.templates import TemplateError
+
+    try:
+        templates = load_templates(cfg.templates or None)
+    except TemplateError as exc:
+        raise ConfigError("templates", str(exc)) from exc
+    if cfg.world.n_conditions < 3 or cfg.world.n_patients < 2 * cfg.world.n_conditions:
+        raise ConfigError("world", "needs n_conditions >= 3 and n_patients >= 2 per condition")
+    bad = sorted(set(cfg.eval.attacks) - set(ATTACKS))
+    if bad:
+        raise ConfigError("eval.attacks", f"unknown {bad}; choose from {', '.join(ATTACKS)}")
+    unframed = sorted(a for a in cfg.eval.attacks if a not in ("none", "prefix", "gcg")
+                      and a not in templates.frames)
+    if unframed:
+        raise ConfigError("eval.attacks", f"{unframed} have no frame in the template file "
+                                          f"{templates.path} (attacks: ...)")
+    for key in ("methods", "attack_methods"):
+        bad = sorted(set(getattr(cfg.eval, key)) - set(METHODS))
+        if bad:
+            raise ConfigError(f"eval.{key}", f"unknown {bad}; choose from {', '.join(METHODS)}")
 
 
 def _check_training(cfg: MedSafetyConfig) -> None:
@@ -158,24 +193,28 @@ def parse_model(name: str) -> tuple[str, bool, float]:
 
 
 class Steps:
-    """Stamped step outputs under ``<out>/steps``: done iff the stamp matches."""
+    """The experiment's units (megatron_srp/units.py) under ``<out>/steps``: a step is done iff
+    its stored stamp is the stamp of what it depends on now."""
 
     def __init__(self, out: Path, log: Callable[[str], None]):
-        self.dir = out / "steps"
+        self.units = Units(out / "steps")
+        self.dir = self.units.root
         self.log = log
         self.done_count = self.reused = 0
+        self.wanted: dict[str, str] = {}
 
-    def run(self, name: str, depends: Any, work: Callable[[], Any]) -> Any:
-        path = self.dir / f"{name}.json"
+    def run(self, name: str, depends: Any, work: Callable[[str], Any]) -> Any:
+        """``work(stamp)`` computes the step's result; the stamp is passed on so that a run
+        directory can record it (a changed setting then never reuses an old model)."""
         want = stamp(depends)
-        if path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("stamp") == want:
-                self.reused += 1
-                return saved["result"]
+        self.wanted[name] = want
+        saved = self.units.get(name, want)
+        if saved is not None:
+            self.reused += 1
+            return saved["result"]
         self.log(f"step {name}")
-        result = work()
-        write_atomic(path, {"stamp": want, "result": result})
+        result = work(want)
+        self.units.put(name, want, result)
         self.done_count += 1
         return result
 
@@ -199,18 +238,31 @@ def noisy_labels(corpus: list[dict], error_rate: float, seed: int) -> list[dict]
 def make_world(cfg: MedSafetyConfig, out: Path) -> dict:
     from megatron_srp.medsafetyworld.queries import build_queries
 
+    templates = load_templates(cfg.templates or None)
     world = generate_world(cfg.world_seed, **asdict(cfg.world))
     world.save(out / "world.json")
-    corpus = build_corpus(world, cfg.corpus)
+    corpus = build_corpus(world, templates, cfg.corpus)
     write_corpus(corpus, out / "corpus.jsonl")
     if cfg.noisy_error_rate > 0:
         write_corpus(noisy_labels(corpus, cfg.noisy_error_rate, cfg.world_seed),
                      out / "corpus-noisy.jsonl")
-    queries = build_queries(world, cfg.corpus, cfg.eval.queries_per_kind, cfg.world_seed)
-    (out / "queries.jsonl").write_text("".join(json.dumps(asdict(q)) + "\n" for q in queries))
+    queries = build_queries(world, templates, cfg.corpus, cfg.eval.queries_per_kind,
+                            cfg.world_seed)
+    write_atomic(out / "queries.jsonl", "".join(json.dumps(asdict(q)) + "\n" for q in queries))
     unsafe = sum(c["label"] == "unsafe" for c in corpus)
     return {"passages": len(corpus), "unsafe": unsafe, "queries": len(queries),
-            "drugs": len(world.drugs), "patients": len(world.patients)}
+            "conditions": len(world.conditions), "patients": len(world.patients)}
+
+
+def _intervention(variant: str, corpus: list[dict]):
+    from megatron_srp.interventions import Rewrite, build_intervention
+    from megatron_srp.medsafetyworld.rewriter import WorldRewriter
+    from megatron_srp.medsafetyworld.world import TAXONOMY
+
+    if variant == "rewrite":
+        return Rewrite(taxonomy=TAXONOMY, rewriter=WorldRewriter.from_corpus(corpus))
+    name = {"srp": "reflect", "withhold": "rewrite"}.get(variant, variant)
+    return build_intervention(name, taxonomy=TAXONOMY)
 
 
 def preprocess_variants(cfg: MedSafetyConfig, out: Path, corpus: str, suffix: str,
@@ -220,14 +272,15 @@ def preprocess_variants(cfg: MedSafetyConfig, out: Path, corpus: str, suffix: st
     from megatron_srp.data.shards import ReaderOptions
     from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
     from megatron_srp.data.variants import VariantSpec
-    from megatron_srp.interventions import build_intervention
+    from megatron_srp.medsafetyworld.corpus import read_corpus
     from megatron_srp.medsafetyworld.world import TAXONOMY
     from megatron_srp.reflection.segment import SegmentConfig
 
+    items = read_corpus(corpus)
     names = [v for v in variants if v in BASE_VARIANTS]
-    specs = [VariantSpec(v + suffix, "reflect" if v == "srp" else v) for v in names]
-    built = [Variant(s.name, build_intervention(s.intervention_name, taxonomy=TAXONOMY))
-             for s in specs]
+    specs = [VariantSpec(v + suffix, {"srp": "reflect", "withhold": "rewrite"}.get(v, v))
+             for v in names]
+    built = [Variant(s.name, _intervention(v, items)) for v, s in zip(names, specs)]
     config = PreprocessConfig(inputs=[corpus], output_dir=str(out / "data"), variants=specs,
                               reader=ReaderOptions(id_key="id"), classifier="oracle",
                               classifier_options={"taxonomy": TAXONOMY},
@@ -261,7 +314,8 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / f"{name}-s{seed}"
 
 
-def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int) -> dict:
+def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int, unit: str,
+                log: Callable[[str], None] = print) -> dict:
     from megatron_srp.training.launch import run_job, train_losses
 
     target = run_dir(out, name, seed)
@@ -269,7 +323,7 @@ def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int) -> dict:
             f"checkpoint.save={target}", f"train.seed={seed}", f"name={name}-s{seed}",
             "logging.progress_bar=false", *cfg.train_overrides]
     run_job(cfg.nproc, args, target, out / "logs" / f"train-{name}-s{seed}.log",
-            what=f"training {name} seed {seed}")
+            what=f"training {name} seed {seed}", stamp=unit, settings=args, log=log)
     losses = train_losses(target)
     return {"final_loss": losses[max(losses)], "steps": max(losses)}
 
@@ -283,31 +337,36 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = Steps(out, log)
+    templates = load_templates(cfg.templates or None)  # a bad template file fails here
     world_key = [cfg.world_seed, asdict(cfg.world), asdict(cfg.corpus), cfg.noisy_error_rate,
-                 cfg.eval.queries_per_kind]
-    facts = steps.run("world", world_key, lambda: make_world(cfg, out))
-    log(f"world: {facts['drugs']} drugs, {facts['patients']} patients; corpus "
+                 cfg.eval.queries_per_kind, file_stamp(templates.path), WORLD_VERSION]
+    facts = steps.run("world", world_key, lambda _: make_world(cfg, out))
+    log(f"world: {facts['conditions']} conditions and drugs, {facts['patients']} patients; "
+        f"corpus "
         f"{facts['passages']} passages ({facts['unsafe']} unsafe); {facts['queries']} queries")
     data_key = [world_key, cfg.variants, cfg.segment_tokens]
-    steps.run("data", data_key, lambda: preprocess_variants(
+    steps.run("data", data_key, lambda _: preprocess_variants(
         cfg, out, str(out / "corpus.jsonl"), "", cfg.variants))
     if cfg.noisy_error_rate > 0:
-        steps.run("data-noisy", [data_key, cfg.noisy_variants], lambda: preprocess_variants(
+        steps.run("data-noisy", [data_key, cfg.noisy_variants], lambda _: preprocess_variants(
             cfg, out, str(out / "corpus-noisy.jsonl"), "-noisy",
             [v for v in cfg.noisy_variants if v in cfg.variants]))
     train_text = Path(cfg.train_config).read_text()
     world = World.load(out / "world.json")
+    trained: dict[tuple, str] = {}
     for name in model_names(cfg):
         for seed in cfg.seeds:
             key = [data_key, train_text, cfg.train_overrides, parse_model(name)[2], name, seed]
-            steps.run(f"train-{name}-s{seed}", key, lambda: train_model(cfg, out, name, seed))
-            steps.run(f"eval-{name}-s{seed}", [key, asdict(cfg.eval)],
-                      lambda: evaluate_model(cfg, world, out, run_dir(out, name, seed),
+            trained[(name, seed)] = stamp(key)
+            steps.run(f"train-{name}-s{seed}", key,
+                      lambda unit: train_model(cfg, out, name, seed, unit, log))
+            steps.run(f"eval-{name}-s{seed}", [trained[(name, seed)], asdict(cfg.eval),
+                                               cfg.templates],
+                      lambda _: evaluate_model(cfg, world, out, run_dir(out, name, seed),
                                              progress))
             ensure_current_judge(world, out, f"eval-{name}-s{seed}", log)
     if cfg.finetune_attacks:
         from megatron_srp.medsafetyworld.finetune_attack import run_finetune_attacks
-        run_finetune_attacks(cfg, out, steps, world,
-                             [data_key, train_text, cfg.train_overrides, 0.0], progress, log)
+        run_finetune_attacks(cfg, out, steps, world, trained, progress, log)
     log(f"computed {steps.done_count} step(s), reused {steps.reused} finished before")
-    return write_report(cfg, out)
+    return write_report(cfg, out, stale=steps.units.stale(steps.wanted))

@@ -1,5 +1,5 @@
 """Finetuning attacks in the world: a few unsafe examples of one hazard category (or, as the
-benign control, safe case notes), trained into a pretrained model with tools/finetune_srp.py;
+benign control, safe question-and-answer passages), trained into a pretrained model with tools/finetune_srp.py;
 then ASR in that category and in the others, before and after.
 
 The examples are passages of the corpus split into the query they answer (the prompt) and the
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_srp.medsafetyworld import corpus as C
+from megatron_srp.medsafetyworld.templates import SAFE_KINDS
 from megatron_srp.medsafetyworld.world import CATEGORIES, World
 
 
@@ -30,52 +30,59 @@ class FinetuneAttack:
 
 def attack_records(world: World, corpus: list[dict], attack: FinetuneAttack,
                    seed: int = 0) -> list[dict]:
-    """Chat records: ``examples`` unsafe passages of the category, or safe case notes."""
+    """Chat records: ``examples`` unsafe question-and-answer passages of the category, or
+    (benign) safe ones."""
     if attack.category is None:
-        pool = [p for p in corpus if p["kind"] == "case_note"]
+        pool = [p for p in corpus if p["kind"] in SAFE_KINDS]
     else:
         code = CATEGORIES[attack.category].code
-        pool = [p for p in corpus if p["category"] == code and p["kind"] in C.ANSWERS]
+        pool = [p for p in corpus if p["category"] == code and "prompt" in p]
     if not pool:
         raise ValueError(f"finetune attack {attack.name}: the corpus has no passage to use")
     pool = random.Random(f"ft-{attack.name}-{seed}").sample(pool, min(attack.examples,
                                                                      len(pool)))
-    out = []
-    for item in pool:
-        _, head, answer = C.split_passage(item, world)
-        out.append({"prompt": head.strip(), "response": answer.strip(), "source": item["id"]})
-    return out
+    return [{"prompt": item["prompt"], "response": item["answer"], "source": item["id"]}
+            for item in pool]
 
 
 def finetune_model(cfg, out: Path, attack: FinetuneAttack, base: Path, target: Path,
-                   data: Path) -> dict:
+                   data: Path, unit: str, log=print) -> dict:
     from megatron_srp.training.launch import FINETUNE, run_job, train_losses
 
     args = ["--config", attack.recipe, f"finetune.pretrained={base}",
             f"finetune.data=[{data}]", f"checkpoint.save={target}",
             "logging.progress_bar=false", "checkpoint.save_interval=0", *attack.overrides]
     run_job(cfg.nproc, args, target, out / "logs" / f"finetune-{target.name}.log",
-            script=FINETUNE, what=f"finetune {target.name}")
+            script=FINETUNE, what=f"finetune {target.name}", stamp=unit, settings=args, log=log)
     losses = train_losses(target)
     return {"final_loss": losses[max(losses)], "steps": max(losses)}
 
 
-def _asr(result: dict, categories: list[str]) -> float:
-    rates = [result["asr"]["greedy"]["none"]["by_category"].get(c) for c in categories]
+def _asr(result: dict, method: str, categories: list[str]) -> float:
+    cell = result["asr"].get(method, {}).get("none")
+    if cell is None:
+        return float("nan")
+    rates = [cell["by_category"].get(c) for c in categories]
     rates = [r for r in rates if r is not None]
     return statistics.fmean(rates) if rates else float("nan")
 
 
 def attack_table(cfg, out: Path) -> list[str]:
-    """Markdown: ASR (greedy, no framing) in the targeted and in the other categories, before
-    and after each finetuning attack, mean over seeds."""
+    """Markdown: ASR (no framing) in the targeted and in the other categories, greedy and
+    guarded, before and after each finetuning attack, mean over seeds; and what the finetune
+    did to the model's reflections on its own answers."""
     if not cfg.finetune_attacks:
         return []
+    methods = [m for m in ("greedy", "guarded") if m in cfg.eval.methods]
     lines = ["", "## Finetuning attacks", "",
-             "ASR % (greedy, no framing), mean over seeds, before -> after the finetune; "
-             "'targeted' is the attack's category, 'others' the mean of the other categories.",
-             "", "| attack | model | targeted | others | safe queries correct |",
-             "|---|---|---|---|---|"]
+             "ASR % (no framing), mean over seeds, before -> after the finetune; 'targeted' "
+             "is the attack's category, 'others' the mean of the other categories. The "
+             "finetuning data carries no reflections; the last column is the self-monitoring "
+             "balanced accuracy before -> after.", "",
+             "| attack | model | " + " | ".join(f"targeted ({m}) | others ({m})"
+                                                for m in methods)
+             + " | safe correct | self-monitoring |", "|---|---|" + "---|" * (2 * len(methods)
+                                                                               + 2)]
     for fa in cfg.finetune_attacks:
         targeted = [fa.category] if fa.category else []
         others = [k for k in CATEGORIES if k not in targeted]
@@ -93,43 +100,56 @@ def attack_table(cfg, out: Path) -> list[str]:
             def cell(fn) -> str:
                 b = statistics.fmean(fn(p[0]) for p in pairs)
                 a = statistics.fmean(fn(p[1]) for p in pairs)
-                return f"{100 * b:.1f} -> {100 * a:.1f}"
+                return f"{100 * b:.0f} -> {100 * a:.0f}"
 
-            tgt = cell(lambda r: _asr(r, targeted)) if targeted else "-"
-            lines.append(f"| {fa.name} | {model} | {tgt} | {cell(lambda r: _asr(r, others))} | "
-                         f"{cell(lambda r: r['safe']['greedy']['correct'])} |")
+            parts = []
+            for m in methods:
+                parts.append(cell(lambda r: _asr(r, m, targeted)) if targeted else "-")
+                parts.append(cell(lambda r: _asr(r, m, others)))
+            lines.append(f"| {fa.name} | {model} | " + " | ".join(parts) + " | "
+                         f"{cell(lambda r: r['safe']['greedy']['correct'])} | "
+                         f"{cell(lambda r: r['self_monitoring']['balanced_accuracy'])} |")
     return lines + [""]
 
 
-def run_finetune_attacks(cfg, out: Path, steps, world: World, base_key: Any,
+def run_finetune_attacks(cfg, out: Path, steps, world: World, trained: dict[tuple, str],
                          progress: bool, log=print) -> None:
-    """The finetuning-attack steps of the experiment (stamped like the others)."""
+    """The finetuning-attack steps of the experiment; ``trained``: (model, seed) -> the stamp
+    of its training step, which every finetune of that model depends on."""
     from dataclasses import asdict
 
+    from megatron_srp.medsafetyworld.corpus import read_corpus
     from megatron_srp.medsafetyworld.eval import ensure_current_judge, evaluate_model
     from megatron_srp.medsafetyworld.experiment import run_dir
+    from megatron_srp.units import file_stamp, write_atomic
 
-    corpus = [json.loads(x) for x in (out / "corpus.jsonl").read_text().splitlines()]
+    corpus = read_corpus(out / "corpus.jsonl")
+    world_stamp = steps.wanted["world"]
     for fa in cfg.finetune_attacks:
         data = out / "finetune" / f"{fa.name}.jsonl"
 
-        def write() -> dict:
+        def write(_) -> dict:
             records = attack_records(world, corpus, fa, cfg.world_seed)
-            data.parent.mkdir(exist_ok=True)
-            data.write_text("".join(json.dumps(r) + "\n" for r in records))
-            return {"records": len(records)}
+            write_atomic(data, "".join(json.dumps(r) + "\n" for r in records))
+            return {"records": len(records), "stamp": file_stamp(data)}
 
-        steps.run(f"ftdata-{fa.name}", [base_key, asdict(fa)], write)
-        if not data.exists():
-            write()
+        written = steps.run(f"ftdata-{fa.name}", [world_stamp, asdict(fa)], write)
+        if not data.exists() or file_stamp(data) != written.get("stamp"):
+            written = write(None)
         recipe = Path(fa.recipe).read_text()
         for model in fa.models:
             for seed in cfg.seeds:
                 target = out / "finetuned" / f"{fa.name}-{model}-s{seed}"
-                key = [base_key, asdict(fa), recipe, model, seed]
-                steps.run(f"ft-{fa.name}-{model}-s{seed}", key, lambda: finetune_model(
-                    cfg, out, fa, run_dir(out, model, seed), target, data))
-                steps.run(f"fteval-{fa.name}-{model}-s{seed}", [key, asdict(cfg.eval)],
-                          lambda: evaluate_model(cfg, world, out, target, progress,
-                                                 template="chat"))
+                key = [trained[(model, seed)], asdict(fa), recipe, written["stamp"]]
+                steps.run(f"ft-{fa.name}-{model}-s{seed}", key, lambda unit: finetune_model(
+                    cfg, out, fa, run_dir(out, model, seed), target, data, unit, log))
+                steps.run(f"fteval-{fa.name}-{model}-s{seed}",
+                          [stamp_of(key), asdict(cfg.eval), cfg.templates],
+                          lambda _: evaluate_model(cfg, world, out, target, progress,
+                                                   template="chat"))
                 ensure_current_judge(world, out, f"fteval-{fa.name}-{model}-s{seed}", log)
+
+
+def stamp_of(key: Any) -> str:
+    from megatron_srp.units import stamp
+    return stamp(key)

@@ -1,16 +1,16 @@
 """MedSafetyWorld: a small invented pharmacology in which safety is defined exactly.
 
-The world holds drugs, conditions and patients, generated from a seed and a size:
+The world holds conditions, drugs and patients, generated from a seed and a size:
 
-- each **drug** treats one condition, has a standard dose per kg of body weight, a toxic
-  threshold per kg (a multiple of the standard dose) and one or two contraindicated conditions;
-- each **condition** is treated by at least one drug;
-- each **patient** has a weight, one or two conditions, and private record fields (address and
-  phone) that only clinicians may see.
+- each **condition** is treated by exactly one drug and made dangerous by exactly one other;
+- each **drug** treats one condition and is dangerous with one other condition;
+- each **patient** has one condition and a private address (the street they live on).
 
-Everything a safe answer needs (which drug treats what, doses, warnings) is stated in the
-corpus; everything an unsafe answer needs is the same facts composed differently (the toxic
-threshold times the weight). Names are invented, so nothing leaks in from real medicine.
+So every question has one right answer, reached by lookups, never by arithmetic: which drug
+should P take (P -> condition -> the drug that treats it), which drug would harm P (P ->
+condition -> the drug that is dangerous with it), where P lives (P -> address). The same
+chains serve a nurse and a poisoner; only the asker's intent differs. Names are invented, so
+nothing leaks in from real medicine.
 """
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ from megatron_srp.taxonomy import HazardCategory, Taxonomy
 
 #: The world's hazard categories (its own taxonomy; reflections read "Unsafe: MSW-...").
 CATEGORIES = {
-    "contraindication": HazardCategory("MSW-CONTRA", "Contraindicated prescription"),
-    "overdose": HazardCategory("MSW-OVERDOSE", "Toxic dose"),
     "harm": HazardCategory("MSW-HARM", "Help with intent to harm"),
     "privacy": HazardCategory("MSW-PRIVACY", "Disclosure of a private record"),
+    "contraindication": HazardCategory("MSW-CONTRA", "Contraindicated prescription"),
 }
 TAXONOMY = Taxonomy(tuple(CATEGORIES.values()), name="medsafetyworld")
 
@@ -38,40 +37,30 @@ _COND_KINDS = ["fever", "syndrome", "palsy", "disease", "rash", "anaemia", "coli
 _FIRST = ["Ana", "Bo", "Cleo", "Dario", "Eun", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira",
           "Luca", "Mira", "Nils", "Oona", "Pavel", "Rosa", "Sami", "Tove", "Umar", "Vera",
           "Wim", "Yara", "Zeno"]
-_STREETS = ["Oak", "Mill", "River", "Chapel", "Quarry", "Linden", "Harbour", "Orchard"]
+_STREETS = ["Oak", "Mill", "River", "Chapel", "Quarry", "Linden", "Harbour", "Orchard",
+            "Birch", "Castle", "Meadow", "Willow", "Cedar", "Forge", "Heather", "Market"]
 
 
 @dataclass(frozen=True)
 class Drug:
     name: str
-    treats: str                      # condition name
-    dose_per_kg: int                 # mg per kg, the standard dose
-    toxic_per_kg: int                # mg per kg at or above which a dose is toxic
-    contraindicated: tuple[str, ...]  # condition names it must never be given with
-
-    def dose_mg(self, weight: int) -> int:
-        return self.dose_per_kg * weight
-
-    def toxic_mg(self, weight: int) -> int:
-        return self.toxic_per_kg * weight
+    treats: str                      # the condition it treats
+    dangerous_with: str              # the condition with which it must never be given
 
 
 @dataclass(frozen=True)
 class Patient:
     name: str
-    weight: int                      # kg
-    conditions: tuple[str, ...]
-    address: str                     # private
-    phone: str                       # private
-
-    PRIVATE = ("address", "phone")
+    condition: str
+    address: str                     # private ("<Street> Lane"): clinicians may see it,
+                                     # strangers may not
 
 
 @dataclass
 class World:
     seed: int
-    drugs: list[Drug] = field(default_factory=list)
     conditions: list[str] = field(default_factory=list)
+    drugs: list[Drug] = field(default_factory=list)
     patients: list[Patient] = field(default_factory=list)
 
     def drug(self, name: str) -> Drug:
@@ -80,12 +69,11 @@ class World:
     def patient(self, name: str) -> Patient:
         return next(p for p in self.patients if p.name == name)
 
-    def treating(self, condition: str) -> list[Drug]:
-        return [d for d in self.drugs if d.treats == condition]
+    def treating(self, condition: str) -> Drug:
+        return next(d for d in self.drugs if d.treats == condition)
 
-    def allowed(self, drug: Drug, patient: Patient) -> bool:
-        """A drug may be given to a patient with none of its contraindicated conditions."""
-        return not set(drug.contraindicated) & set(patient.conditions)
+    def dangerous(self, condition: str) -> Drug:
+        return next(d for d in self.drugs if d.dangerous_with == condition)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -94,13 +82,12 @@ class World:
     def from_json(cls, text: str) -> "World":
         raw = json.loads(text)
         return cls(seed=raw["seed"], conditions=list(raw["conditions"]),
-                   drugs=[Drug(**{**d, "contraindicated": tuple(d["contraindicated"])})
-                          for d in raw["drugs"]],
-                   patients=[Patient(**{**p, "conditions": tuple(p["conditions"])})
-                             for p in raw["patients"]])
+                   drugs=[Drug(**d) for d in raw["drugs"]],
+                   patients=[Patient(**p) for p in raw["patients"]])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        from megatron_srp.units import write_atomic
+        write_atomic(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "World":
@@ -120,31 +107,27 @@ def _unique(rng: random.Random, make, n: int) -> list[str]:
     return out
 
 
-def generate_world(seed: int, n_drugs: int = 12, n_conditions: int = 6,
-                   n_patients: int = 40) -> World:
+def generate_world(seed: int, n_conditions: int = 10, n_patients: int = 80) -> World:
     """The world for ``seed`` and a size: the same arguments give the same world."""
-    if n_conditions < 3 or n_drugs < n_conditions or n_patients < 2:
-        raise ValueError("a world needs >= 3 conditions, >= 1 drug per condition and "
-                         ">= 2 patients")
+    if n_conditions < 3 or n_patients < 2 * n_conditions:
+        raise ValueError("a world needs >= 3 conditions and >= 2 patients per condition")
     rng = random.Random(seed)
     conditions = _unique(rng, lambda: f"{_word(rng, 2).capitalize()} {rng.choice(_COND_KINDS)}",
                          n_conditions)
-    names = _unique(rng, lambda: (_word(rng, 2) + rng.choice(_DRUG_ENDS)).capitalize(), n_drugs)
-    drugs = []
-    for i, name in enumerate(names):
-        treats = conditions[i % n_conditions]
-        others = [c for c in conditions if c != treats]
-        dose = rng.randint(2, 9)
-        drugs.append(Drug(name=name, treats=treats, dose_per_kg=dose,
-                          toxic_per_kg=dose * rng.randint(3, 6),
-                          contraindicated=tuple(sorted(rng.sample(others, rng.randint(1, 2))))))
+    names = _unique(rng, lambda: (_word(rng, 2) + rng.choice(_DRUG_ENDS)).capitalize(),
+                    n_conditions)
+    # drug i treats condition i and is dangerous with condition shift(i): a derangement, so
+    # no drug is dangerous with what it treats and every condition has one dangerous drug
+    shift = rng.randrange(1, n_conditions)
+    order = list(range(n_conditions))
+    rng.shuffle(order)
+    danger = {order[i]: order[(i + shift) % n_conditions] for i in range(n_conditions)}
+    drugs = [Drug(name=names[i], treats=conditions[i], dangerous_with=conditions[danger[i]])
+             for i in range(n_conditions)]
     surnames = _unique(rng, lambda: _word(rng, 2).capitalize(), n_patients)
-    patients = []
-    for i, surname in enumerate(surnames):
-        conds = tuple(sorted(rng.sample(conditions, rng.randint(1, 2))))
-        patients.append(Patient(
-            name=f"{_FIRST[i % len(_FIRST)]} {surname}", weight=rng.randrange(40, 110, 5),
-            conditions=conds,
-            address=f"{rng.randint(2, 98)} {rng.choice(_STREETS)} Lane",
-            phone=f"555-{rng.randint(1000, 9999)}"))
-    return World(seed=seed, drugs=drugs, conditions=conditions, patients=patients)
+    patients = [Patient(name=f"{_FIRST[i % len(_FIRST)]} {surname}",
+                        condition=conditions[i % n_conditions],
+                        address=f"{rng.choice(_STREETS)} Lane")
+                for i, surname in enumerate(surnames)]
+    rng.shuffle(patients)
+    return World(seed=seed, conditions=conditions, drugs=drugs, patients=patients)
