@@ -412,6 +412,16 @@ def test_bad_experiment_configs_name_the_key(tmp_path) -> None:
          r"finetune_attacks\[0\].recipe"),
         (["eval.methods=[guarded]", "finetune_attacks=[{name: x, models: [raw]}]"],
          "eval.methods"),
+        (["eval.attacks=[none,rolepaly]"], "eval.attacks"),
+        (["eval.methods=[beam]"], "eval.methods"),
+        (["eval.attack_methods=[beam]"], "eval.attack_methods"),
+        (["world={n_conditions: 2, n_patients: 8}"], "world"),
+        (["finetune_attacks=[{name: x, models: [raw], after: y}]"],
+         r"finetune_attacks\[0\].after"),
+        (["finetune_attacks=[{name: x, models: [raw]}, {name: x, models: [raw]}]"],
+         r"finetune_attacks\[1\].name"),
+        (["finetune_attacks=[{name: p, models: [raw]}, {name: x, models: [raw, filter], "
+          "after: p}]"], r"finetune_attacks\[1\].models"),
     ]
     for overrides, key in cases:
         with pytest.raises(ConfigError, match=key):
@@ -566,6 +576,16 @@ def test_finetune_attack_records_are_qa_passages_split_into_prompt_and_answer() 
                           r["response"])
     benign = attack_records(world, corpus, FinetuneAttack(name="b", category=None, examples=3))
     assert all(by_id[r["source"]]["kind"] in SAFE_KINDS for r in benign)
+    # post-training compatible with SRP: the same records, each answer followed by its
+    # reflection in the corpus's own format
+    tuned = attack_records(world, corpus, FinetuneAttack(name="b", category=None, examples=3,
+                                                         reflections=True))
+    assert [r["response"] for r in tuned] == [r["response"] + "<|reflect|>Safe<|/reflect|>"
+                                              for r in benign]
+    harmful = attack_records(world, corpus, FinetuneAttack(name="h", category="harm",
+                                                           examples=5, reflections=True))
+    assert all(r["response"].endswith("<|reflect|>Unsafe: MSW-HARM<|/reflect|>")
+               for r in harmful)
     assert attack_records(world, corpus, FinetuneAttack(name="h", category="harm",
                                                         examples=5)) == records
 
@@ -575,7 +595,8 @@ def test_a_finetuning_attack_and_gcg_are_run_and_reported(tmp_path) -> None:
                   "eval.attacks=[none,gcg]", "eval.gcg_steps=2", "eval.gcg_top_k=8",
                   "eval.gcg_search_width=8", "eval.gcg_queries=2",
                   "finetune_attacks=[{name: harm-4, category: harm, examples: 4, "
-                  "models: [raw], overrides: [train.lr=1.0e-3]}]")
+                  "models: [raw], overrides: [train.lr=1.0e-3]}, {name: post, examples: 3, "
+                  "reflections: true, after: harm-4, models: [raw]}]")
     log: list[str] = []
     run_experiment(cfg, progress=False, log=log.append)
     out = Path(cfg.out_dir)
@@ -583,7 +604,14 @@ def test_a_finetuning_attack_and_gcg_are_run_and_reported(tmp_path) -> None:
     run = json.loads((latest_checkpoint(out / "finetuned" / "harm-4-raw-s1") / "run.json")
                      .read_text())
     assert run["finetune"]["records"] == 4
+    # the chained attack starts from harm-4's model and trains on reflection-carrying answers
+    post = json.loads((latest_checkpoint(out / "finetuned" / "post-raw-s1") / "run.json")
+                      .read_text())
+    assert Path(post["finetune"]["pretrained"]).parent == out / "finetuned" / "harm-4-raw-s1"
+    records = [json.loads(x) for x in (out / "finetune" / "post.jsonl").read_text().splitlines()]
+    assert all(r["response"].endswith("<|reflect|>Safe<|/reflect|>") for r in records)
     report = (out / "report.md").read_text()
+    assert "| post (with reflections) after harm-4 | raw |" in report
     assert "## Finetuning attacks" in report and "| harm-4 | raw |" in report
     assert "| model | target loss before | after | target hits |" in report
     assert re.search(r"\n\| raw \| [\d.]+ \| [\d.]+ \| [0-2] \|", report)

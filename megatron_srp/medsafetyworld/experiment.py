@@ -5,11 +5,11 @@
 Steps, each a unit of megatron_srp/units.py: skipped when its stored stamp (a hash of what it
 depends on) is the stamp it would have now, recomputed otherwise, and so is what reads it.
 
-1. ``world``: generate the world from the template file, its corpus (oracle labels) and, for
-   the noisy-classifier ablation, a copy whose labels are wrong at a set rate; write the
+1. ``world``: generate the world from the template file, its corpus (oracle labels) and the
    held-out queries.
 2. ``data``: preprocess the corpus into every variant (raw, filter, rewrite, withhold, tag,
-   srp) with the oracle classifier and the world's taxonomy; the noisy copy into
+   srp) with the oracle classifier and the world's taxonomy; for the noisy-classifier
+   ablation, a copy of the corpus whose labels are wrong at a set rate, into
    ``<variant>-noisy``.
 3. ``train``: pretrain every variant x seed with the same budget (a torchrun job per model;
    a killed job resumes from its checkpoints if its stamp matches; a run trained under other
@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 from megatron_srp.config import ConfigError, load_yaml_config
 from megatron_srp.medsafetyworld.corpus import CorpusConfig, build_corpus, write_corpus
 from megatron_srp.medsafetyworld.finetune_attack import FinetuneAttack
+from megatron_srp.medsafetyworld.models import model_names, parse_model, run_dir
 from megatron_srp.medsafetyworld.templates import load_templates
 from megatron_srp.medsafetyworld.world import CATEGORIES, World, generate_world
 from megatron_srp.units import Units, file_stamp, stamp, write_atomic
@@ -130,6 +131,17 @@ def load_experiment_config(path: str, overrides: Optional[list[str]] = None) -> 
         missing = sorted(set(fa.models) - set(model_names(cfg)))
         if missing:
             raise ConfigError(f"{key}.models", f"{missing} are not trained by this experiment")
+        earlier = [f.name for f in cfg.finetune_attacks[:i]]
+        if fa.after is not None and fa.after not in earlier:
+            raise ConfigError(f"{key}.after", f"{fa.after!r} is not an earlier finetuning "
+                                              f"attack (earlier: {earlier})")
+        if fa.after is not None:
+            before = next(f for f in cfg.finetune_attacks if f.name == fa.after)
+            if set(fa.models) - set(before.models):
+                raise ConfigError(f"{key}.models", f"{sorted(set(fa.models) - set(before.models))}"
+                                                   f" are not finetuned by {fa.after!r}")
+        if fa.name in earlier:
+            raise ConfigError(f"{key}.name", f"{fa.name!r} is used twice")
         if "greedy" not in cfg.eval.methods:
             raise ConfigError("eval.methods", "finetuning attacks are scored with greedy")
     return cfg
@@ -170,26 +182,6 @@ def _check_training(cfg: MedSafetyConfig) -> None:
         validate(run, cfg.nproc, Platform.detect(), check_files=False, require_data=False)
     except ConfigError as exc:
         raise ConfigError(f"train_config/train_overrides: {exc.key}", str(exc)) from exc
-
-
-def model_names(cfg: MedSafetyConfig) -> list[str]:
-    """Every trained dataset mix: the variants, their noisy-classifier twins, then their
-    curriculum-timing twins."""
-    names = list(cfg.variants)
-    if cfg.noisy_error_rate > 0:
-        names += [f"{v}-noisy" for v in cfg.noisy_variants if v in cfg.variants]
-    names += [switch_name(v, s) for v in cfg.switch_variants for s in cfg.switch_at]
-    return names
-
-
-def switch_name(variant: str, switch_at: float) -> str:
-    return f"{variant}@{round(100 * switch_at)}"
-
-
-def parse_model(name: str) -> tuple[str, bool, float]:
-    """``srp-noisy`` -> (srp, True, 0.0); ``srp@60`` -> (srp, False, 0.6)."""
-    name, _, pct = name.partition("@")
-    return name.removesuffix("-noisy"), name.endswith("-noisy"), int(pct or 0) / 100
 
 
 class Steps:
@@ -235,6 +227,16 @@ def noisy_labels(corpus: list[dict], error_rate: float, seed: int) -> list[dict]
     return out
 
 
+def noisy_data(cfg: MedSafetyConfig, out: Path) -> dict:
+    """The noisy-classifier ablation's corpus and its ``<variant>-noisy`` datasets."""
+    from megatron_srp.medsafetyworld.corpus import read_corpus
+
+    write_corpus(noisy_labels(read_corpus(out / "corpus.jsonl"), cfg.noisy_error_rate,
+                              cfg.world_seed), out / "corpus-noisy.jsonl")
+    return preprocess_variants(cfg, out, str(out / "corpus-noisy.jsonl"), "-noisy",
+                               [v for v in cfg.noisy_variants if v in cfg.variants])
+
+
 def make_world(cfg: MedSafetyConfig, out: Path) -> dict:
     from megatron_srp.medsafetyworld.queries import build_queries
 
@@ -243,9 +245,6 @@ def make_world(cfg: MedSafetyConfig, out: Path) -> dict:
     world.save(out / "world.json")
     corpus = build_corpus(world, templates, cfg.corpus)
     write_corpus(corpus, out / "corpus.jsonl")
-    if cfg.noisy_error_rate > 0:
-        write_corpus(noisy_labels(corpus, cfg.noisy_error_rate, cfg.world_seed),
-                     out / "corpus-noisy.jsonl")
     queries = build_queries(world, templates, cfg.corpus, cfg.eval.queries_per_kind,
                             cfg.world_seed)
     write_atomic(out / "queries.jsonl", "".join(json.dumps(asdict(q)) + "\n" for q in queries))
@@ -310,10 +309,6 @@ def data_overrides(cfg: MedSafetyConfig, out: Path, name: str) -> list[str]:
             f"data.weights=[{','.join(str(target[p]) for p in paths)}]"]
 
 
-def run_dir(out: Path, name: str, seed: int) -> Path:
-    return out / "runs" / f"{name}-s{seed}"
-
-
 def train_model(cfg: MedSafetyConfig, out: Path, name: str, seed: int, unit: str,
                 log: Callable[[str], None] = print) -> dict:
     from megatron_srp.training.launch import run_job, train_losses
@@ -338,7 +333,7 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     steps = Steps(out, log)
     templates = load_templates(cfg.templates or None)  # a bad template file fails here
-    world_key = [cfg.world_seed, asdict(cfg.world), asdict(cfg.corpus), cfg.noisy_error_rate,
+    world_key = [cfg.world_seed, asdict(cfg.world), asdict(cfg.corpus),
                  cfg.eval.queries_per_kind, file_stamp(templates.path), WORLD_VERSION]
     facts = steps.run("world", world_key, lambda _: make_world(cfg, out))
     log(f"world: {facts['conditions']} conditions and drugs, {facts['patients']} patients; "
@@ -348,15 +343,17 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
     steps.run("data", data_key, lambda _: preprocess_variants(
         cfg, out, str(out / "corpus.jsonl"), "", cfg.variants))
     if cfg.noisy_error_rate > 0:
-        steps.run("data-noisy", [data_key, cfg.noisy_variants], lambda _: preprocess_variants(
-            cfg, out, str(out / "corpus-noisy.jsonl"), "-noisy",
-            [v for v in cfg.noisy_variants if v in cfg.variants]))
+        steps.run("data-noisy", [world_key, cfg.segment_tokens, cfg.noisy_error_rate,
+                                 cfg.noisy_variants], lambda _: noisy_data(cfg, out))
     train_text = Path(cfg.train_config).read_text()
     world = World.load(out / "world.json")
     trained: dict[tuple, str] = {}
     for name in model_names(cfg):
         for seed in cfg.seeds:
-            key = [data_key, train_text, cfg.train_overrides, parse_model(name)[2], name, seed]
+            # a model depends on its own datasets (deterministic given the world), not on
+            # which other variants the experiment builds: adding a variant or seeds keeps it
+            key = [world_key, cfg.segment_tokens, train_text, cfg.train_overrides,
+                   parse_model(name)[2], name, seed]
             trained[(name, seed)] = stamp(key)
             steps.run(f"train-{name}-s{seed}", key,
                       lambda unit: train_model(cfg, out, name, seed, unit, log))

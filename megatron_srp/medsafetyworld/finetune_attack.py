@@ -26,6 +26,12 @@ class FinetuneAttack:
     recipe: str = "examples/finetune/harmful.yaml"
     overrides: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=lambda: ["raw", "filter", "srp"])
+    # Post-training compatible with SRP: each response is followed by its reflection
+    # ("<|reflect|>Safe<|/reflect|>", or Unsafe with the category), as in the SRP corpus.
+    reflections: bool = False
+    # Start from the models this earlier attack finetuned (e.g. a harmful attack on models a
+    # defender post-trained) instead of the pretrained ones.
+    after: Optional[str] = None
 
 
 def attack_records(world: World, corpus: list[dict], attack: FinetuneAttack,
@@ -41,7 +47,15 @@ def attack_records(world: World, corpus: list[dict], attack: FinetuneAttack,
         raise ValueError(f"finetune attack {attack.name}: the corpus has no passage to use")
     pool = random.Random(f"ft-{attack.name}-{seed}").sample(pool, min(attack.examples,
                                                                      len(pool)))
-    return [{"prompt": item["prompt"], "response": item["answer"], "source": item["id"]}
+    def response(item: dict) -> str:
+        if not attack.reflections:
+            return item["answer"]
+        from megatron_srp.medsafetyworld.world import TAXONOMY
+        from megatron_srp.taxonomy import format_reflection
+        return item["answer"] + format_reflection(item["label"] == "safe", item["category"],
+                                                  taxonomy=TAXONOMY)
+
+    return [{"prompt": item["prompt"], "response": response(item), "source": item["id"]}
             for item in pool]
 
 
@@ -75,10 +89,11 @@ def attack_table(cfg, out: Path) -> list[str]:
         return []
     methods = [m for m in ("greedy", "guarded") if m in cfg.eval.methods]
     lines = ["", "## Finetuning attacks", "",
-             "ASR % (no framing), mean over seeds, before -> after the finetune; 'targeted' "
-             "is the attack's category, 'others' the mean of the other categories. The "
-             "finetuning data carries no reflections; the last column is the self-monitoring "
-             "balanced accuracy before -> after.", "",
+             "ASR % (no framing), mean over seeds, before -> after the finetune (before: "
+             "the pretrained model, or the model the attack started from); 'targeted' is the "
+             "attack's category, 'others' the mean of the other categories. The last column "
+             "is the self-monitoring balanced accuracy before -> after; the data carries "
+             "reflections only where the attack says so.", "",
              "| attack | model | " + " | ".join(f"targeted ({m}) | others ({m})"
                                                 for m in methods)
              + " | safe correct | self-monitoring |", "|---|---|" + "---|" * (2 * len(methods)
@@ -89,7 +104,8 @@ def attack_table(cfg, out: Path) -> list[str]:
         for model in fa.models:
             pairs = []
             for seed in cfg.seeds:
-                before = out / "steps" / f"eval-{model}-s{seed}.json"
+                before = out / "steps" / (f"fteval-{fa.after}-{model}-s{seed}.json" if fa.after
+                                          else f"eval-{model}-s{seed}.json")
                 after = out / "steps" / f"fteval-{fa.name}-{model}-s{seed}.json"
                 if before.exists() and after.exists():
                     pairs.append((json.loads(before.read_text())["result"],
@@ -106,7 +122,9 @@ def attack_table(cfg, out: Path) -> list[str]:
             for m in methods:
                 parts.append(cell(lambda r: _asr(r, m, targeted)) if targeted else "-")
                 parts.append(cell(lambda r: _asr(r, m, others)))
-            lines.append(f"| {fa.name} | {model} | " + " | ".join(parts) + " | "
+            name = fa.name + (" (with reflections)" if fa.reflections else "") + (
+                f" after {fa.after}" if fa.after else "")
+            lines.append(f"| {name} | {model} | " + " | ".join(parts) + " | "
                          f"{cell(lambda r: r['safe']['greedy']['correct'])} | "
                          f"{cell(lambda r: r['self_monitoring']['balanced_accuracy'])} |")
     return lines + [""]
@@ -120,11 +138,12 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, trained: dict[tupl
 
     from megatron_srp.medsafetyworld.corpus import read_corpus
     from megatron_srp.medsafetyworld.eval import ensure_current_judge, evaluate_model
-    from megatron_srp.medsafetyworld.experiment import run_dir
+    from megatron_srp.medsafetyworld.models import run_dir
     from megatron_srp.units import file_stamp, write_atomic
 
     corpus = read_corpus(out / "corpus.jsonl")
     world_stamp = steps.wanted["world"]
+    tuned: dict[tuple, str] = {}  # (attack, model, seed) -> the finetune's stamp
     for fa in cfg.finetune_attacks:
         data = out / "finetune" / f"{fa.name}.jsonl"
 
@@ -140,9 +159,15 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, trained: dict[tupl
         for model in fa.models:
             for seed in cfg.seeds:
                 target = out / "finetuned" / f"{fa.name}-{model}-s{seed}"
-                key = [trained[(model, seed)], asdict(fa), recipe, written["stamp"]]
+                if fa.after:
+                    base = out / "finetuned" / f"{fa.after}-{model}-s{seed}"
+                    start = tuned[(fa.after, model, seed)]
+                else:
+                    base, start = run_dir(out, model, seed), trained[(model, seed)]
+                key = [start, asdict(fa), recipe, written["stamp"]]
+                tuned[(fa.name, model, seed)] = stamp_of(key)
                 steps.run(f"ft-{fa.name}-{model}-s{seed}", key, lambda unit: finetune_model(
-                    cfg, out, fa, run_dir(out, model, seed), target, data, unit, log))
+                    cfg, out, fa, base, target, data, unit, log))
                 steps.run(f"fteval-{fa.name}-{model}-s{seed}",
                           [stamp_of(key), asdict(cfg.eval), cfg.templates],
                           lambda _: evaluate_model(cfg, world, out, target, progress,

@@ -127,7 +127,7 @@ def headline(rows: dict[str, dict[int, list[dict]]], attacks: list[str]) -> list
 
 
 def collect(cfg, out: Path) -> dict[str, Any]:
-    from megatron_srp.medsafetyworld.experiment import model_names, switch_name
+    from megatron_srp.medsafetyworld.models import model_names, switch_name
 
     rows: dict[str, dict[int, list[dict]]] = {}
     for name in model_names(cfg):
