@@ -1,7 +1,10 @@
 # Two commands on a fresh machine:
-#   make demo   the MedSafetyWorld experiment at CPU size: a synthetic world, every intervention
-#               variant pretrained with two seeds, attacked and judged exactly; prints the table
+#   make demo   the MedSafetyWorld experiment at CPU size: a synthetic world, raw, filter and SRP
+#               models pretrained, attacked and judged exactly; prints the premise table and
+#               the headline comparison (about 15 minutes on 2 cores, the venv included)
 #   make test   the default test suite (CPU; slow and GPU tests are skipped)
+# make demo-full: the full CPU experiment (3 seeds, rewrite, noisy ablation, finetuning attacks,
+#                post-training with reflections); reuses the demo's models.
 # make demo-shakespeare: preprocess tinyshakespeare, train the tiny preset on 2 ranks, sample.
 # Each creates .venv/ and installs what it needs into it.
 
@@ -15,7 +18,7 @@ DEMO_RUN := runs/tiny-cpu-demo
 # torch pulls several GB of CUDA packages. On a GPU host install the project into a CUDA torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo demo-shakespeare test test-all bench clean
+.PHONY: venv demo demo-full demo-shakespeare test test-all bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +35,10 @@ $(DEMO_DATA).bin: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	OMP_NUM_THREADS=2 $(PY) tools/medsafetyworld.py run --config examples/medsafetyworld/cpu_demo.yaml \
+		--no-progress
+
+demo-full: $(VENV)/.installed
+	OMP_NUM_THREADS=2 $(PY) tools/medsafetyworld.py run --config examples/medsafetyworld/cpu_full.yaml \
 		--no-progress
 
 demo-shakespeare: $(DEMO_DATA).bin

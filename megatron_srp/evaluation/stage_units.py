@@ -15,7 +15,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from megatron_srp.evaluation.stages import AttackSuiteConfig, StageSpec
+    from megatron_srp.evaluation.stage_config import AttackSuiteConfig, StageSpec
 
 
 def benchmark_items(name: str, path, limit, harmful):
