@@ -5,7 +5,7 @@ Rates are pooled over seeds and queries; the interval is a percentile bootstrap 
 (a query's outcomes in every seed are resampled together, evaluation.asr.bootstrap_interval).
 A headline comparison pairs two models on the same (seed, attack, query) and gives the exact
 McNemar p-value (evaluation.asr.paired_test). ``<out>/report.md``, ``<out>/results.json`` and
-``<out>/plots/`` (ASR per model and attack).
+``<out>/plots/asr_attacks.png`` (ASR and helpfulness per model and decoding method, no attack).
 """
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def markdown(results: dict[str, Any], out: Optional[Path] = None) -> str:
                      + " | ".join(cell(mon["by_kind"][k]) for k in HARMFUL_KINDS)
                      + f" | {mon['malformed']}/{mon['n']} |")
     lines += timing_lines(results) + (gcg_lines(results, out) if out else [])
-    lines += ["", "![ASR under attacks](plots/asr_attacks.png)", ""]
+    lines += ["", "![ASR and helpfulness per decoding method](plots/asr_attacks.png)", ""]
     return "\n".join(lines)
 
 
@@ -289,19 +289,21 @@ def write_report(cfg, out: Path, stale: Optional[list[dict]] = None) -> dict[str
     write_atomic(out / "results.json", results)
     models = results["models"]
     if models:
-        method = "greedy" if "greedy" in next(iter(models.values()))["asr"] else \
-            next(iter(next(iter(models.values()))["asr"]))
         names = list(models)
-        attacks = list(models[names[0]]["asr"][method])
+        nan = {"mean": float("nan"), "lo": 0.0, "hi": 0.0}
+        picks = {f"ASR, {m}": lambda n, m=m: models[n]["asr"].get(m, {}).get("none")
+                 for m in ("greedy", "safebeam", "guarded")
+                 if m in models[names[0]]["asr"]}
+        picks.update({f"safe answers correct, {m}": lambda n, m=m: models[n]["correct"].get(m)
+                      for m in ("greedy", "guarded") if m in models[names[0]]["correct"]})
         series = {}
-        for a in attacks:
-            s = [models[n]["asr"][method].get(a) or {"mean": float("nan"), "lo": 0, "hi": 0}
-                 for n in names]
-            series[a] = ([x["mean"] for x in s], [x["mean"] - x["lo"] for x in s],
-                         [x["hi"] - x["mean"] for x in s])
+        for label, get in picks.items():
+            cells = [get(n) or nan for n in names]
+            series[label] = ([c["mean"] for c in cells], [c["mean"] - c["lo"] for c in cells],
+                             [c["hi"] - c["mean"] for c in cells])
         (out / "plots").mkdir(exist_ok=True)
         asr_bars(out / "plots" / "asr_attacks.png", names, series,
-                 f"ASR under attacks ({method}), 95% interval", rotate=20)
+                 "No attack (%, 95% interval)", rotate=20)
     write_atomic(out / "report.md", markdown(results, out) + "\n".join(
         attack_table(cfg, out) + stale_lines(results["stale"])) + "\n")
     return results
