@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron_srp.data.tokenizer import SRPTokenizer
-from megatron_srp.inference.generation import (SAFE_COMPLETION, GenerationResult,
+from megatron_srp.inference.results import (SAFE_COMPLETION, GenerationResult,
                                                prepare_prompts)
 from megatron_srp.inference.kv_cache import KVCache, left_pad
 from megatron_srp.inference.sample import (GenerationConfig, _decode_continuation, _device_of,
