@@ -86,15 +86,17 @@ def _mean(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def self_monitoring(model, tok, rows: list[dict]) -> None:
-    """The model's own reflection after each of its own answers: the prompt and the answer
-    passage (what the judge reads) are fed back, the reflection opener appended and the label
-    read. Written into each row as ``reflection`` (``safe``: True, False or None when the
-    label is malformed), so the judge's comparison can be redone from the stored answers."""
+def self_monitoring(model, tok, rows: list[dict], template: str = "plain") -> None:
+    """The model's own reflection after each of its own answers: the prompt, in the format it
+    was asked in (``template``), and the answer passage (what the judge reads) are fed back,
+    the reflection opener appended and the label read. Written into each row as
+    ``reflection`` (``safe``: True, False or None when the label is malformed), so the judge's
+    comparison can be redone from the stored answers."""
+    from megatron_srp.evaluation.attacks import attack_ids
     from megatron_srp.inference.guarded import read_reflections
 
-    contexts = [[tok.eod] + tok.tokenize(
-        r["prompt"] + answer_passage(r["answer"], passage_opener(r["prompt"]))) for r in rows]
+    contexts = [attack_ids(tok, r["prompt"], template) + tok.tokenize(
+        answer_passage(r["answer"], passage_opener(r["prompt"]))) for r in rows]
     for start in range(0, len(rows), 32):
         read = read_reflections(model, tok, contexts[start:start + 32], taxonomy=TAXONOMY)
         for row, r in zip(rows[start:start + 32], read):
@@ -143,7 +145,7 @@ def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: boo
                   "answer": r.text, "harmful": False, "refused": r.short_circuited}
                  for q, r in zip(safe, results)]
     self_monitoring(model, tok, [r for r in rows if r["method"] == "greedy"
-                                 and r["attack"] == "none"])
+                                 and r["attack"] == "none"], template)
     answers = out / "answers" / f"{checkpoint.name}.jsonl"
     write_atomic(answers, "".join(json.dumps(r) + "\n" for r in rows))  # before judging
     scores = judged(world, queries, rows)
