@@ -190,7 +190,6 @@ class Steps:
 
     def __init__(self, out: Path, log: Callable[[str], None]):
         self.units = Units(out / "steps")
-        self.dir = self.units.root
         self.log = log
         self.done_count = self.reused = 0
         self.wanted: dict[str, str] = {}

@@ -12,7 +12,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_srp.medsafetyworld.templates import SAFE_KINDS
 from megatron_srp.medsafetyworld.world import CATEGORIES, World
@@ -139,7 +139,7 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, trained: dict[tupl
     from megatron_srp.medsafetyworld.corpus import read_corpus
     from megatron_srp.medsafetyworld.eval import ensure_current_judge, evaluate_model
     from megatron_srp.medsafetyworld.models import run_dir
-    from megatron_srp.units import file_stamp, write_atomic
+    from megatron_srp.units import file_stamp, stamp, write_atomic
 
     corpus = read_corpus(out / "corpus.jsonl")
     world_stamp = steps.wanted["world"]
@@ -165,16 +165,12 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, trained: dict[tupl
                 else:
                     base, start = run_dir(out, model, seed), trained[(model, seed)]
                 key = [start, asdict(fa), recipe, written["stamp"]]
-                tuned[(fa.name, model, seed)] = stamp_of(key)
+                tuned[(fa.name, model, seed)] = stamp(key)
                 steps.run(f"ft-{fa.name}-{model}-s{seed}", key, lambda unit: finetune_model(
                     cfg, out, fa, base, target, data, unit, log))
                 steps.run(f"fteval-{fa.name}-{model}-s{seed}",
-                          [stamp_of(key), asdict(cfg.eval), cfg.templates],
+                          [stamp(key), asdict(cfg.eval), cfg.templates],
                           lambda _: evaluate_model(cfg, world, out, target, progress,
                                                    template="chat"))
                 ensure_current_judge(world, out, f"fteval-{fa.name}-{model}-s{seed}", log)
 
-
-def stamp_of(key: Any) -> str:
-    from megatron_srp.units import stamp
-    return stamp(key)
