@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from megatron_srp.config import ConfigError, DataConfig
-from megatron_srp.data.bench_curriculum import (
+from megatron_srp.bench.curriculum import (
     DEFAULT_PHASES, _build_index, _layers_only, _underlying, fetch_overhead, index_at_scale,
     markdown, parse_curriculum,
 )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from megatron_srp.data import bench_preprocess as bench
+from megatron_srp.bench import preprocess as bench
 from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ and per-sample fetch time against a plain Megatron BlendedDataset on real data.
     python tools/bench_curriculum.py --skip-fetch \\
         --curriculum '[{until: 0.5, blend: {a: 1.0}}, {until: 1.0, blend: {a: 0.5, b: 0.5}}]'
 
-See megatron_srp/data/bench_curriculum.py for what is measured, docs/benchmarks.md for results.
+See megatron_srp/bench/curriculum.py for what is measured, docs/benchmarks.md for results.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from megatron_srp.config import ConfigError
-from megatron_srp.data.bench_curriculum import (
+from megatron_srp.bench.curriculum import (
     DEFAULT_PHASES, fetch_overhead, index_at_scale, log, markdown, parse_curriculum,
 )
-from megatron_srp.data.bench_preprocess import machine_info
+from megatron_srp.bench.preprocess import machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ Hugging Face ``generate`` on the exported model (same weights, same device).
     python tools/bench_generate.py --checkpoint runs/tiny-cpu-demo --report /tmp/gen.json
     python tools/bench_generate.py --preset smollm2-135m --batches 1,8 --max-new-tokens 32
 
-See megatron_srp/inference/bench_generate.py for the method, docs/benchmarks.md for results.
+See megatron_srp/bench/generate.py for the method, docs/benchmarks.md for results.
 """
 import argparse
 import json
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     batches = [int(b) for b in args.batches.split(",") if b]
     warnings.filterwarnings("ignore")
-    from megatron_srp.inference import bench_generate as bench
+    from megatron_srp.bench import generate as bench
     from megatron_srp.inference.sample import shutdown
 
     unknown = sorted(set(methods) - set(bench.METHODS))

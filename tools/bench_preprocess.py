@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_srp.data.bench_preprocess import CASES, build_corpus, markdown_report, run_bench
+from megatron_srp.bench.preprocess import CASES, build_corpus, markdown_report, run_bench
 
 
 def _ints(text: str) -> list[int]:

@@ -11,7 +11,7 @@ import json
 import sys
 
 from megatron_srp.config import ConfigError, load_config
-from megatron_srp.training.bench import as_markdown_row, benchmark, to_dict
+from megatron_srp.bench.train import as_markdown_row, benchmark, to_dict
 
 HEADER = ("| preset | layout | precision | recompute | seq | GBS/MBS | tokens/s | TFLOP/s/dev | "
           "MFU | peak mem GB | device |\n|---|---|---|---|---|---|---|---|---|---|---|")

@@ -200,7 +200,7 @@ def build_models(checkpoint: Optional[str], preset: str, seq_length: int):
 
 
 def machine(commit_dir: Path) -> dict[str, Any]:
-    from megatron_srp.data.bench_preprocess import machine_info
+    from megatron_srp.bench.preprocess import machine_info
 
     info = machine_info(None)
     return {"device": compat.device_name(), "python": f"Python {info['python']}",

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import psutil
 
-from megatron_srp.data.bench_corpus import MB, REPO_ROOT, build_corpus
+from megatron_srp.bench.corpus import MB, REPO_ROOT, build_corpus
 from megatron_srp.units import write_atomic
 
 CASES = ("ours-raw", "ours-srp", "megatron-lm")
