@@ -9,7 +9,7 @@ downstream include its stamp, those too.
 
 Result files that are the only copy of something (answers, judged units, reports, stamps) are
 written with :func:`write_atomic`: a reader, or a run killed mid-write, sees the old file or
-the new one, never half of one.
+the new one, never half of one. JSON is written strictly: a missing figure is null, not NaN.
 
 Run directories (training runs, finetunes) hold their stamp in ``unit_stamp.json``; a run with
 another stamp is moved aside, never deleted and never reused (:func:`prepare_run_dir`).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,18 @@ def file_stamp(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with every NaN or infinity replaced by None: what a missing figure is in strict
+    JSON, which ``jq`` and other strict parsers read (Python writes ``NaN`` otherwise)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
 def write_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` (text, bytes, or JSON-able) to ``path`` so that the file is either the
     old one or the complete new one: a temporary file in the same folder, fsync, rename."""
@@ -59,7 +72,7 @@ def write_atomic(path: str | os.PathLike, data: Any) -> None:
     elif isinstance(data, bytes):
         payload = data
     else:
-        payload = (json.dumps(data, indent=1) + "\n").encode()
+        payload = (json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n").encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

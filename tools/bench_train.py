@@ -12,6 +12,7 @@ import sys
 
 from megatron_srp.config import ConfigError, load_config
 from megatron_srp.bench.train import as_markdown_row, benchmark, to_dict
+from megatron_srp.units import json_safe
 
 HEADER = ("| preset | layout | precision | recompute | seq | GBS/MBS | tokens/s | TFLOP/s/dev | "
           "MFU | peak mem GB | device |\n|---|---|---|---|---|---|---|---|---|---|---|")
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         print(as_markdown_row(result))
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps(to_dict(result)) + "\n")
+                f.write(json.dumps(json_safe(to_dict(result)), allow_nan=False) + "\n")
     return 0
 
 

@@ -151,5 +151,18 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def records(run_dir: Path, split: str) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+    """The run's metrics.jsonl lines of one split, parsed strictly (NaN is refused)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{n}: not strict JSON: {exc}") from exc
+        if record["split"] == split:
+            out.append(record)
+    return out
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")

@@ -2,6 +2,7 @@
 
 Only the logging rank (last pipeline stage, first TP and DP rank) writes; others stay silent.
 ``metrics.jsonl`` holds one JSON object per logged step and is what tests and reports read.
+It is strict JSON: a figure that does not exist (MFU on a CPU, a diverged loss) is ``null``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
+
+from megatron_srp.units import json_safe
 
 
 def _fmt(key: str, value: float) -> str:
@@ -78,7 +81,8 @@ class RunLogger:
         if not self.enabled:
             return
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+            record = json_safe({"step": step, "split": split, **metrics})
+            self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 if not (isinstance(v, float) and math.isnan(v)):
