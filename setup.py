@@ -1,7 +1,8 @@
 """megatron-srp: safety pretraining (SRP and friends) on Megatron-Core."""
 import sys
+from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 # megatron-core 0.17+ needs Python >= 3.12; 0.16.1 is the last release for 3.11.
 MCORE = "megatron-core==0.16.1" if sys.version_info < (3, 12) else "megatron-core>=0.16.1"
@@ -10,12 +11,14 @@ setup(
     name="megatron-srp",
     version="0.1.0",
     description="Safety Reflection Pretraining and other safety interventions on Megatron-Core",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_srp", "megatron_srp.*"]),
-    package_data={"megatron_srp": ["assets/**/*", "assets/*"]},
-    include_package_data=True,
+    # The asset folders (tokenizer, classifier, templates) are listed as namespace packages
+    # so that their files ship as package data without setuptools warnings.
+    packages=find_namespace_packages(include=["megatron_srp", "megatron_srp.*"],
+                                     exclude=["*.__pycache__"]),
+    package_data={"megatron_srp.assets": ["**/*.json", "**/*.npz", "**/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         MCORE,
