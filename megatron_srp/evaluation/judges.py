@@ -25,7 +25,7 @@ from megatron_srp.evaluation.asr import Judgement, RefusalKeywordJudge
 # In the stamp of every judged unit of the attack suite: bump it on any change to how a judge
 # (here, asr.py or overrefusal.py) reads an answer or to the ASR arithmetic, and the stored
 # answers are judged again (not regenerated) on the next run.
-JUDGE_VERSION = 1
+JUDGE_VERSION = 2  # 2: the over-refusal heuristic gained "unclassified"
 
 # The system and user parts of HarmBench's Llama-2-13B classifier prompt (HarmBench
 # eval_utils.py, LLAMA2_CLS_PROMPT["prompt"]); a served Llama-2 chat template puts them back
