@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megatron_srp import cli
 from megatron_srp.config import ConfigError
 from megatron_srp.bench.curriculum import (
     DEFAULT_PHASES, fetch_overhead, index_at_scale, log, markdown, parse_curriculum,
@@ -27,16 +28,17 @@ from megatron_srp.bench.preprocess import machine_info
 REPO = Path(__file__).resolve().parent.parent
 
 
+@cli.tool_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-tokens", type=float, default=600e9,
                         help="train token budget for the index build (default: %(default)g)")
     parser.add_argument("--seq-length", type=int, default=2048, help="default: %(default)s")
-    parser.add_argument("--curriculum",
-                        help="phases for the index build, written as data.curriculum in a "
-                             "config (default: 0.2 {safe}; 0.6 {safe 0.7, reflect 0.3}; "
-                             "1.0 {safe 0.5, reflect 0.3, refusal 0.2})")
+    curriculum = parser.add_argument(
+        "--curriculum",
+        help="phases for the index build, written as data.curriculum in a config (default: "
+             "0.2 {safe}; 0.6 {safe 0.7, reflect 0.3}; 1.0 {safe 0.5, reflect 0.3, refusal 0.2})")
     parser.add_argument("--fetch-samples", type=int, default=20_000,
                         help="samples read per pass (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5,
@@ -53,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(tempfile.gettempdir()) / "srp_bench_curriculum",
                         help="preprocessed corpora go here (default: %(default)s)")
     parser.add_argument("--report", type=Path, help="write JSON here and Markdown beside it")
-    args = parser.parse_args(argv)
+    curriculum.yaml_text = True  # in --config a list of phases, not a string
+    cli.add_common_args(parser, example="budget_tokens",
+                        json_help="append the figures (--report's JSON) as one JSON line to "
+                                  "FILE")
+    args = cli.parse_args(parser, argv)
     try:
         phases = parse_curriculum(args.curriculum) if args.curriculum else DEFAULT_PHASES
     except ConfigError as exc:
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{machine['date_utc']}; the benchmark took {machine['benchmark_seconds']} s.")
     text = markdown(index, fetch, header)
     print(text)
+    if args.json:
+        cli.append_json(args.json, {"machine": machine, "index": index, "fetch": fetch})
     if args.report:
         from megatron_srp.units import write_atomic
         write_atomic(args.report, json.dumps({"machine": machine, "index": index,

@@ -14,9 +14,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from megatron_srp import cli
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +40,10 @@ def main(argv=None) -> int:
                                                     "data")) / "tinyshakespeare" / "input.txt",
                         help="prompts are cut from this file (default: %(default)s)")
     parser.add_argument("--report", type=Path, help="write JSON here and Markdown beside it")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, example="max_new_tokens",
+                        json_help="append the figures (--report's JSON) as one JSON line to "
+                                  "FILE")
+    args = cli.parse_args(parser, argv)
     methods = [m for m in args.methods.split(",") if m]
     batches = [int(b) for b in args.batches.split(",") if b]
     warnings.filterwarnings("ignore")
@@ -63,6 +69,8 @@ def main(argv=None) -> int:
               "ratios": bench.ratios(rows)}
     text = bench.markdown(report)
     print("\n" + text)
+    if args.json:
+        cli.append_json(args.json, report)
     if args.report:
         from megatron_srp.units import write_atomic
         write_atomic(args.report, json.dumps(report, indent=1) + "\n")

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_srp import cli
 from megatron_srp.bench.preprocess import CASES, build_corpus, markdown_report, run_bench
 
 
@@ -26,6 +27,7 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+@cli.tool_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, help="kill a run after this many seconds")
     parser.add_argument("--corpus-only", action="store_true",
                         help="build the corpus (--corpus-mb) and stop")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, example="corpus_mb",
+                        json_help="append the figures (report.json's content) as one JSON line "
+                                  "to FILE")
+    args = cli.parse_args(parser, argv)
 
     if args.corpus_only:
         path = Path(args.work_dir) / f"corpus-{args.corpus_mb:g}MB.jsonl"
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown_report(report))
+    if args.json:
+        cli.append_json(args.json, report)
     report_path = Path(args.report or Path(args.work_dir) / "report.json")
     print(f"wrote {report_path} and {report_path.with_suffix('.md')}")
     return 1 if any(r["returncode"] != 0 for r in report["runs"]) else 0

@@ -9,7 +9,10 @@ one iter_N directory.
 import argparse
 import sys
 
+from megatron_srp import cli
 
+
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -19,7 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="weight dtype (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, example="dtype")
+    args = cli.parse_args(parser, argv)
 
     from megatron_srp import quiet_megatron_warnings
     quiet_megatron_warnings()

@@ -9,11 +9,13 @@ Sources: alpaca-seed, do-not-answer-refusals, gsm8k, do-not-answer-harmful, hh-r
 import argparse
 import sys
 
+from megatron_srp import cli
 from megatron_srp.data.chat_sources import SOURCES, write_chat_source
 
 from megatron_srp.evaluation.benchmarks import SHARED as DEFAULT_SHARED
 
 
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shared-data", default=DEFAULT_SHARED,
                         help="the shared data directory (default: $SRP_SHARED_DATA or "
                              "../shared/data beside the repository)")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, example="limit")
+    args = cli.parse_args(parser, argv)
     try:
         n = write_chat_source(args.source, args.shared_data, args.output, args.limit, args.seed)
     except (FileNotFoundError, ValueError) as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_srp import cli
 from megatron_srp.data.readers import DEFAULT_MAX_CHARS, TEXT_SPLITS, InputError
 from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 
@@ -67,11 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-work", action="store_true",
                    help="keep the per-shard files after a successful run")
     p.add_argument("--overwrite", action="store_true", help="replace existing datasets")
+    cli.add_common_args(p, example="workers",
+                        json_help="append the run's summary (summary.json) as one JSON line "
+                                  "to FILE")
     return p
 
 
+@cli.tool_main
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     # Imported here, not at the top: spawned workers re-import this script, and the
     # preprocess module pulls in Megatron-Core, which takes seconds to import.
     from megatron_srp.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=args.backend, ray_address=args.ray_address,
             shard_bytes=max(1, int(args.shard_mb * (1 << 20))), strict=args.strict,
             max_reject_fraction=args.max_reject_fraction, overwrite=args.overwrite,
-            keep_work=args.keep_work)
+            keep_work=args.keep_work, progress=cli.progress_wanted(args))
         result = run_preprocess(config, SRPTokenizer.from_dir(args.tokenizer))
     except (InputError, FileExistsError, ValueError, PreprocessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -111,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['shards']} shards, {summary['shards_resumed']} resumed) -> "
           + ", ".join(str(p) for p in result.layout.prefixes.values())
           + f"; summary {result.layout.summary}, rejects {result.layout.rejects}")
+    if args.json:
+        cli.append_json(args.json, summary)
     return 0
 
 

@@ -10,7 +10,10 @@ search, SafeBeam or reflection-guarded decoding.
 import argparse
 import sys
 
+from megatron_srp import cli
 
+
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--guard-fail-open", action="store_true",
                         help="guarded: let an answer through when its reflection is malformed "
                              "or missing (default: refuse it)")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, example="max_new_tokens")
+    args = cli.parse_args(parser, argv)
 
     # Imported after argument parsing: Megatron-Core takes seconds to import.
     from megatron_srp import quiet_megatron_warnings

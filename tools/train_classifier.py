@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from megatron_srp import cli
 from megatron_srp.reflection.classifiers import ASSET_DIR
 from megatron_srp.reflection.features import TokenNgramFeaturizer
 from megatron_srp.reflection.train_classifier import DEFAULT_SEED, train_and_write
@@ -22,7 +24,8 @@ from megatron_srp.reflection.train_classifier import DEFAULT_SEED, train_and_wri
 REPO = Path(__file__).resolve().parent.parent
 
 
-def main(argv: list[str] | None = None) -> None:
+@cli.tool_main
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
@@ -35,7 +38,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokenizer directory the features use (default: the shipped one)")
     parser.add_argument("--report", type=Path, default=None,
                         help="also write the full held-out report as JSON here")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, example="seed",
+                        json_help="append the report (--report's content) as one JSON line "
+                                  "to FILE")
+    args = cli.parse_args(parser, argv)
 
     options = {}
     if args.tokenizer is not None:
@@ -54,8 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         from megatron_srp.units import write_atomic
         write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    if args.json:
+        cli.append_json(args.json, report)
     print(f"saved to {args.out_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
