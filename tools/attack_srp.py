@@ -3,19 +3,25 @@ benchmark and decoding method, over-refusal, GCG), write report.md, results.json
 
     python tools/attack_srp.py --config examples/attack/stages_tiny.yaml [key=value ...]
 
-Reruns reuse finished finetunes and units (docs/attacks.md).
+Reruns reuse finished finetunes and units (docs/attacks.md). --json FILE appends results.json's
+content as one JSON line to FILE.
 """
 import argparse
 import sys
 
+from megatron_srp import cli
 
+
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML suite (see examples/attack/)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. samples=1 out_dir=runs/x")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, options=False, config_required=True,
+                        config_help="YAML suite (see examples/attack/)",
+                        overrides_help="set a config key, e.g. samples=1 out_dir=runs/x",
+                        json_help="append the results (results.json's content) as one JSON "
+                                  "line to FILE")
+    args = cli.parse_args(parser, argv)
 
     from megatron_srp import quiet_megatron_warnings
     quiet_megatron_warnings()
@@ -25,10 +31,12 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_suite_config(args.config, args.overrides)
-        run_suite(cfg, progress=not args.no_progress)
+        results = run_suite(cfg, progress=cli.progress_wanted(args))
     except (ConfigError, CheckpointError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli.error_line(exc)}", file=sys.stderr)
         return 2
+    if args.json:
+        cli.append_json(args.json, results)
     print(f"report: {cfg.out_dir}/report.md")
     return 0
 

@@ -10,36 +10,33 @@ Weights, gradients, optimizer state and activations of the largest pipeline stag
 ``auto`` is planned as bf16. With --json, appends the result as one JSON line to a file.
 """
 import argparse
-import json
 import sys
 
-from megatron_srp.config import ConfigError, load_config
+from megatron_srp import cli
+from megatron_srp.config import load_config
 from megatron_srp.training.memory import GIB, format_table, plan_memory, report
 
 
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (optional; the defaults are the tiny preset)")
     parser.add_argument("--gpus", type=int, default=1,
                         help="world size: number of GPUs of the job (default 1)")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
                         help="memory of one GPU in GiB (default 80)")
     parser.add_argument("--vocab-size", type=int, help="default: the preset's vocabulary")
-    parser.add_argument("--json", help="append the result as one JSON line to this file")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. model.preset=llama-7b")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, options=False,
+                        config_help="YAML file (optional; the defaults are the tiny preset)",
+                        overrides_help="set a config key, e.g. model.preset=llama-7b",
+                        json_help="append the result as one JSON line to this file")
+    args = cli.parse_args(parser, argv)
     capacity = int(args.gpu_memory_gib * GIB)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        estimate = plan_memory(cfg, args.gpus, args.vocab_size)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)  # a ConfigError exits 2 (cli.tool_main)
+    estimate = plan_memory(cfg, args.gpus, args.vocab_size)
     print(format_table(estimate, cfg, args.gpus, capacity))
     if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(report(estimate, cfg, args.gpus, capacity)) + "\n")
+        cli.append_json(args.json, report(estimate, cfg, args.gpus, capacity))
     return 0
 
 

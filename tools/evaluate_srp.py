@@ -4,20 +4,26 @@ probes, written as JSON, a Markdown report and plots. Reruns resume from finishe
     python tools/evaluate_srp.py --config examples/eval/reflection.yaml
     python tools/evaluate_srp.py --config FILE out_dir=runs/eval2 data.max_segments=200
 
-See docs/evaluation.md for the config keys and the outputs.
+See docs/evaluation.md for the config keys and the outputs. --json FILE appends results.json's
+content as one JSON line to FILE.
 """
 import argparse
 import sys
 import warnings
 
+from megatron_srp import cli
 
+
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="evaluation YAML")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. data.max_segments=200")
-    args = parser.parse_args(argv)
+    cli.add_common_args(parser, options=False, config_required=True,
+                        config_help="evaluation YAML",
+                        overrides_help="set a config key, e.g. data.max_segments=200",
+                        json_help="append the results (results.json's content) as one JSON "
+                                  "line to FILE")
+    args = cli.parse_args(parser, argv)
     warnings.filterwarnings("ignore")
     from megatron_srp.config import ConfigError
     from megatron_srp.evaluation.reflection_accuracy import LabelError
@@ -27,12 +33,14 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_eval_config(args.config, args.overrides)
-        data = run_evaluation(cfg, progress=not args.no_progress)
+        data = run_evaluation(cfg, progress=cli.progress_wanted(args))
     except (ConfigError, LabelError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli.error_line(exc)}", file=sys.stderr)
         return 2
     finally:
         shutdown()
+    if args.json:
+        cli.append_json(args.json, data)
     print(f"wrote {cfg.out_dir}/results.json, report.md"
           + "".join(f", {f}" for f in data["figures"]))
     return 0

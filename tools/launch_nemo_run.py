@@ -10,6 +10,7 @@ See docs/deployment.md.
 import argparse
 import sys
 
+from megatron_srp import cli
 from megatron_srp.config import ConfigError
 from megatron_srp.deploy.nemo_run import LocalTarget, SlurmTarget, launch
 
@@ -37,16 +38,21 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--ssh-user")
     slurm.add_argument("--detach", action="store_true", help="return once the job is queued")
     for p in (local, slurm):
-        p.add_argument("--config", help="YAML file (see examples/, examples/scale/)")
         p.add_argument("--name", default="srp-pretrain", help="NeMo-Run experiment name")
         p.add_argument("--dryrun", action="store_true", help="print what would run, run nothing")
-        p.add_argument("overrides", nargs="*", help="key=value, e.g. train.train_iters=200")
+        cli.add_common_args(p, options=False, config_help="YAML file (see examples/, "
+                            "examples/scale/)",
+                            overrides_help="set a config key, e.g. train.train_iters=200")
     return parser
 
 
+@cli.tool_main
 def main(argv=None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
+    # The job decides on its progress bar itself (none without a terminal); --no-progress here
+    # switches it off in the job too.
+    overrides = [*args.overrides, *(["logging.progress_bar=false"] if args.no_progress else [])]
     if args.target == "local":
         target = LocalTarget(args.nproc_per_node)
     else:
@@ -58,7 +64,7 @@ def main(argv=None) -> int:
             container_image=args.container_image, container_mounts=tuple(args.container_mount),
             code_dir=args.code_dir, ssh_host=args.ssh_host, ssh_user=args.ssh_user)
     try:
-        done = launch(target, args.config, args.overrides, name=args.name, dryrun=args.dryrun,
+        done = launch(target, args.config, overrides, name=args.name, dryrun=args.dryrun,
                       detach=getattr(args, "detach", False), quiet=args.dryrun)
     except (ConfigError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,31 +6,40 @@
                                                                         # verdict has changed
 
 A rerun of `run` resumes: finished steps (world, data, each model's training and evaluation)
-are reused (docs/medsafetyworld.md).
+are reused (docs/medsafetyworld.md). `run --json FILE` appends results.json's content as one
+JSON line to FILE. `generate` also takes its options from --config (a YAML mapping, e.g.
+`patients: 40`) or key=value (`patients=40`).
 """
 import argparse
 import sys
 
+from megatron_srp import cli
 
+
+@cli.tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the whole experiment")
-    run.add_argument("--config", required=True)
-    run.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[1,2,3]")
-    run.add_argument("--no-progress", action="store_true")
+    cli.add_common_args(run, options=False, config_required=True,
+                        config_help="experiment YAML (see examples/medsafetyworld/)",
+                        overrides_help="set a config key, e.g. seeds=[1,2,3]",
+                        json_help="append the results (results.json's content) as one JSON "
+                                  "line to FILE")
     again = sub.add_parser("rejudge", help="list stored answers the current judge scores "
                                            "differently (after a change of the judge)")
-    again.add_argument("--config", required=True)
-    again.add_argument("overrides", nargs="*")
+    cli.add_common_args(again, options=False, config_required=True,
+                        config_help="the experiment YAML of the run to rejudge",
+                        overrides_help="set a config key, e.g. out_dir=runs/x")
     gen = sub.add_parser("generate", help="a world, its corpus and queries")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="directory to write into")
     gen.add_argument("--patients", type=int, default=80)
     gen.add_argument("--conditions", type=int, default=10)
     gen.add_argument("--templates", default="", help="a template file (default: the shipped one)")
-    args = parser.parse_args(argv)
+    cli.add_common_args(gen, example="patients")
+    args = cli.parse_args(parser, argv)
 
     from megatron_srp import quiet_megatron_warnings
     quiet_megatron_warnings()
@@ -55,11 +64,13 @@ def main(argv=None) -> int:
         cfg = load_experiment_config(args.config, args.overrides)
         if args.command == "rejudge":
             return _rejudge(Path(cfg.out_dir))
-        results = run_experiment(cfg, progress=not args.no_progress)
+        results = run_experiment(cfg, progress=cli.progress_wanted(args))
         out = Path(cfg.out_dir)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli.error_line(exc)}", file=sys.stderr)
         return 2
+    if args.json:
+        cli.append_json(args.json, results)
     print(markdown(results, out))
     print(f"report: {cfg.out_dir}/report.md")
     return 0

@@ -1,28 +1,29 @@
 """Pretrain a Megatron-Core GPT model.
 
     torchrun --nproc_per_node=N tools/pretrain_srp.py --config FILE [key=value ...]
+
+Without a terminal on stderr, or with --no-progress, there is no progress bar
+(logging.progress_bar=false); the console log lines stay.
 """
 import argparse
-import os
 import sys
 
-from megatron_srp.config import ConfigError, load_config
+from megatron_srp import cli
+from megatron_srp.config import load_config
 from megatron_srp.training.trainer import pretrain
 
 
+@cli.tool_main  # a ConfigError exits 2 with one line, said once (rank 0)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (see examples/)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.train_iters=200")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        pretrain(cfg)
-    except ConfigError as exc:
-        if os.environ.get("RANK", "0") == "0":  # every rank finds the same error; say it once
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cli.add_common_args(parser, options=False, config_help="YAML file (see examples/)",
+                        overrides_help="set a config key, e.g. train.train_iters=200")
+    args = cli.parse_args(parser, argv)
+    cfg = load_config(args.config, args.overrides)
+    if not cli.progress_wanted(args):
+        cfg.logging.progress_bar = False
+    pretrain(cfg)
     return 0
 
 
