@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_srp.data.tokenizer import default_tokenizer_dir, train_bpe_tokenizer
+from megatron_srp.tokenizer import default_tokenizer_dir, train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -101,7 +101,7 @@ def load_segments(prefix: str | Path, context: str = "segment", max_segments: Op
 
 def dataset_tokenizer(prefix: str | Path):
     """The tokenizer a preprocessed dataset was written with (``<prefix>.tokenizer/``)."""
-    from megatron_srp.data.tokenizer import SRPTokenizer
+    from megatron_srp.tokenizer import SRPTokenizer
 
     path = Path(str(prefix) + ".tokenizer")
     if not path.is_dir():

@@ -260,7 +260,7 @@ def _balanced_weights(labels: Sequence) -> np.ndarray:
 def default_featurizer() -> TokenNgramFeaturizer:
     """Features over the package's shipped tokenizer, the one datasets are built with by
     default (so preprocessing can hand the classifier its ids)."""
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     return TokenNgramFeaturizer(SRPTokenizer.from_dir(default_tokenizer_dir()))
 
