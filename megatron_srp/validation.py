@@ -30,7 +30,7 @@ class Platform:
 
     @staticmethod
     def detect() -> "Platform":
-        from megatron_srp.training import compat
+        from megatron_srp import compat
         te = importlib.util.find_spec("transformer_engine") is not None
         return Platform(compat.has_cuda(), compat.device_capability(), te)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from megatron_srp.training import compat
+from megatron_srp import compat
 
 METHODS = ("greedy", "sample", "beam", "safebeam")
 
