@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_srp.config import ConfigError, ExperimentConfig
-from megatron_srp.model.presets import PRESETS
+from megatron_srp.presets import PRESETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise")
