@@ -7,7 +7,8 @@ shard-local document numbers); rejected records go to ``<work>/rejects/shard-NNN
 ``<work>/done/shard-NNNNNN.json`` (the shard's counts) is written last, atomically: a shard
 without it is redone from scratch by a resumed run.
 
-Like ``megatron_srp/documents.py``, this module imports nothing from ``megatron.core`` (seconds per worker).
+Like ``megatron_srp/documents.py``, this module imports nothing from ``megatron.core``
+(seconds per worker).
 """
 
 from __future__ import annotations
