@@ -336,7 +336,7 @@ def write_asset(model: dict[str, Any], out_dir: str | Path,
 
 def evaluate(classifier, examples: Sequence[Example]) -> dict[str, Any]:
     """Accuracy, per-class and per-category P/R/F1, confusion matrices, per-source accuracy."""
-    from megatron_srp.evaluation.classification import Verdict, classification_report
+    from megatron_srp.reflection.scores import Verdict, classification_report
 
     labels = classifier.classify([ex.text for ex in examples])
     report = classification_report([Verdict(ex.safe, ex.category) for ex in examples],
