@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_srp.model.presets import ModelShape, resolve_shape
+from megatron_srp.presets import ModelShape, resolve_shape
 
 
 class ConfigError(ValueError):

@@ -168,17 +168,15 @@ class RunState:
     moved_to: Optional[Path] = None   # where a run with another stamp was put aside
 
 
-def _finished(run_dir: Path) -> bool:
-    from megatron_srp.training.checkpoint import run_finished
-    return run_finished(run_dir)
-
-
-def prepare_run_dir(run_dir: str | os.PathLike, want: str, what: Any = None,
-                    finished: Callable[[Path], bool] = _finished) -> RunState:
+def prepare_run_dir(run_dir: str | os.PathLike, want: str, what: Any = None, *,
+                    finished: Callable[[Path], bool]) -> RunState:
     """Make ``run_dir`` a run of stamp ``want``: a finished run of that stamp is ``finished``
     (reuse it), a partial one ``resume`` (from its own checkpoints); anything else there (a run
     of another stamp, or one without a stamp) is renamed ``<dir>.stale-<old stamp[:8]>`` and the
-    run starts ``fresh``. ``what``: the settings behind the stamp, recorded beside it."""
+    run starts ``fresh``. ``what``: the settings behind the stamp, recorded beside it.
+    ``finished(run_dir)`` says whether a run is complete; the caller passes the check of the
+    run's own format (``training.checkpoint.run_finished``), which this module, below the
+    training engine, does not know."""
     run_dir = Path(run_dir)
     moved = None
     if run_dir.is_dir() and any(run_dir.iterdir()):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_srp.config import ConfigError, ExperimentConfig
-from megatron_srp.model.presets import PRESETS
+from megatron_srp.presets import PRESETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise")
@@ -30,7 +30,7 @@ class Platform:
 
     @staticmethod
     def detect() -> "Platform":
-        from megatron_srp.training import compat
+        from megatron_srp import compat
         te = importlib.util.find_spec("transformer_engine") is not None
         return Platform(compat.has_cuda(), compat.device_capability(), te)
 

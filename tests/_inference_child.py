@@ -22,7 +22,6 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from megatron_srp.config import load_config, to_dict  # noqa: E402
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir  # noqa: E402
 from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig, beam_search  # noqa: E402
 from megatron_srp.inference.generation import (SAFE_COMPLETION, decode_ids,  # noqa: E402
                                                sample_ids, tag_id)
@@ -31,6 +30,7 @@ from megatron_srp.inference.guarded import (GuardConfig, _Ids, _parse,  # noqa: 
 from megatron_srp.inference.kv_cache import KVCache, left_pad  # noqa: E402
 from megatron_srp.inference.sample import (GenerationConfig, _logits, fresh_model,  # noqa: E402
                                            generate_ids, inference_config, shutdown)
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir  # noqa: E402
 
 BIG = 40.0
 

@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
+from megatron_srp import compat
 from megatron_srp.config import load_config
 from megatron_srp.data.gpt_data import BatchPlan
 from megatron_srp.model.provider import build_model_chunks
-from megatron_srp.training import compat, parallel
+from megatron_srp.training import parallel
 from megatron_srp.training.step import train_step
 from megatron_srp.training.trainer import build_training_state
 from megatron_srp.validation import Platform

@@ -46,7 +46,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def shakespeare_dataset(shared_data: Path, tmp_path_factory) -> str:
     """tinyshakespeare as a Megatron indexed dataset (real preprocessing, shipped tokenizer)."""
     from megatron_srp.data.preprocess import preprocess
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     prefix = tmp_path_factory.mktemp("data") / "shakespeare"
     preprocess([shared_data / "tinyshakespeare" / "input.txt"], prefix,

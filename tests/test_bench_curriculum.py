@@ -8,11 +8,11 @@ import queue
 import numpy as np
 import pytest
 
-from megatron_srp.config import ConfigError, DataConfig
 from megatron_srp.bench.curriculum import (
     DEFAULT_PHASES, _build_index, _layers_only, _underlying, fetch_overhead, index_at_scale,
     markdown, parse_curriculum,
 )
+from megatron_srp.config import ConfigError, DataConfig
 from megatron_srp.data.curriculum_plan import plan_phases
 
 
@@ -85,7 +85,7 @@ def test_underlying_reads_are_the_samples_returned(shared_data, tmp_path):
     from megatron_srp.config import load_config
     from megatron_srp.data.gpt_data import build_datasets
     from megatron_srp.data.preprocess import preprocess
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     tok = SRPTokenizer.from_dir(default_tokenizer_dir())
     a, b = tmp_path / "a", tmp_path / "b"

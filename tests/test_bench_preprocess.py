@@ -17,7 +17,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from megatron_srp.bench import preprocess as bench
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_MB = 0.3

@@ -11,8 +11,8 @@ import pytest
 from megatron_srp.data.chat import (ChatDataError, ChatFormat, SFTDataset, encode_chat,
                                     read_chat_jsonl)
 from megatron_srp.data.gpt_data import collate
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.taxonomy import format_reflection
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

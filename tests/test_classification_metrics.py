@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_srp.evaluation.classification import Verdict, classification_report, prf
+from megatron_srp.reflection.scores import Verdict, classification_report, prf
 
 S = Verdict(True)
 

@@ -9,7 +9,7 @@ import pytest
 from megatron_srp.config import load_config
 from megatron_srp.data.curriculum import BlendMonitor
 from megatron_srp.data.gpt_data import BatchPlan, build_datasets, microbatches
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 STEPS, BATCH = 50, 8  # 400 samples of 128 tokens
 

@@ -18,7 +18,7 @@ STEPS = 20  # 160 samples; the switch at 0.5 is sample 80, the first sample of s
 @pytest.fixture(scope="module")
 def wiki_dataset(shared_data, tmp_path_factory) -> str:
     from megatron_srp.data.preprocess import preprocess
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     prefix = tmp_path_factory.mktemp("wiki") / "wiki"
     preprocess([shared_data / "wikitext2" / "test.txt"], prefix,

@@ -67,7 +67,7 @@ def _config(world: dict, out: Path, **data) -> Path:
 
 
 def test_segments_come_from_the_sidecar(world, tmp_path) -> None:
-    from megatron_srp.data.tokenizer import SRPTokenizer
+    from megatron_srp.tokenizer import SRPTokenizer
     tok = SRPTokenizer.from_dir(Path(str(world["labels"]) + ".tokenizer"))
     segs = load_segments(world["labels"], max_segments=60, seed=1)
     assert len(segs) == 60 and sum(not s.safe for s in segs) == 30  # balanced

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from megatron_srp.data.labeling import Labeler
-from megatron_srp.data.pipeline import Document
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+from megatron_srp.documents import Document
 from megatron_srp.reflection.classifiers import EmbeddedClassifier
 from megatron_srp.reflection.segment import SegmentConfig
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,6 @@ def test_noisy_labels_flip_at_about_the_rate() -> None:
 
 
 def test_the_world_rewrite_keeps_the_knowledge_and_is_not_the_withhold_notice() -> None:
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
     from megatron_srp.interventions import Rewrite, build_intervention
     from megatron_srp.interventions.rewrite import TemplateRewriter
     from megatron_srp.medsafetyworld.rewriter import WorldRewriter
@@ -289,6 +288,7 @@ def test_the_world_rewrite_keeps_the_knowledge_and_is_not_the_withhold_notice() 
     from megatron_srp.reflection.classifiers import OracleClassifier
     from megatron_srp.reflection.segment import segment_text
     from megatron_srp.reflection.types import ClassifiedDocument, SafetyLabel
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     world = generate_world(0, 4, 16)
     corpus = C.build_corpus(world, load_templates())

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from megatron_srp.model.presets import get_preset
+from megatron_srp.presets import get_preset
 from megatron_srp.training.metrics import (Throughput, forward_flops_per_token, peak_tflops,
                                            train_flops_per_token)
 

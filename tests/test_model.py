@@ -40,7 +40,7 @@ def _probe(*overrides: str) -> dict:
 
 
 def test_tiny_model_matches_its_preset():
-    from megatron_srp.model.presets import get_preset
+    from megatron_srp.presets import get_preset
     shape = get_preset("tiny")
     got = _probe("model.preset=tiny")
     assert got["params"] == shape.num_parameters(8192)
@@ -51,7 +51,7 @@ def test_tiny_model_matches_its_preset():
 
 
 def test_untied_embeddings_add_an_output_matrix():
-    from megatron_srp.model.presets import resolve_shape
+    from megatron_srp.presets import resolve_shape
     shape = resolve_shape("tiny", tie_embeddings=False)
     got = _probe("model.preset=tiny", "model.tie_embeddings=false")
     assert got["params"] == shape.num_parameters(8192)

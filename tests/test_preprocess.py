@@ -16,10 +16,10 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
-from megatron_srp.data.pipeline import Document, StageError, StripSpecialTokens
 from megatron_srp.data.preprocess import dataset_paths, preprocess, read_dataset_meta
 from megatron_srp.data.readers import InputError, expand_inputs, read_documents
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+from megatron_srp.documents import Document, StageError, StripSpecialTokens
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

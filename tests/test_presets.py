@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_srp.model.presets import PRESETS, ModelShape, get_preset, resolve_shape
+from megatron_srp.presets import PRESETS, ModelShape, get_preset, resolve_shape
 
 # Published sizes: SmolLM2 model cards / HF configs (tied embeddings, vocab 49152);
 # Llama 2 7B (untied, vocab 32000); Llama 3 70B (untied, vocab 128256).

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from megatron_srp.data.preprocess import preprocess
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.inference.sample import (GenerationConfig, filter_logits, generate,
                                            generate_ids, load_for_inference)
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.training.checkpoint import CheckpointError, resolve_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")

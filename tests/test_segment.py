@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_srp.data.pipeline import Document, Stage, apply_stages, describe_stages
 from megatron_srp.data.readers import read_text
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+from megatron_srp.documents import Document, Stage, apply_stages, describe_stages
 from megatron_srp.reflection.segment import (
     SegmentConfig,
     SegmentStage,
@@ -18,6 +17,7 @@ from megatron_srp.reflection.segment import (
     segment_text,
 )
 from megatron_srp.reflection.types import Segment
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 def _have_blingfire() -> bool:
     try:

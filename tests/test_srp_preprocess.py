@@ -21,11 +21,11 @@ from megatron_srp.data.outputs import VOLATILE_META_KEYS, dataset_paths, read_da
 from megatron_srp.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megatron_srp.data.readers import InputError
 from megatron_srp.data.shards import ReaderOptions
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.data.variants import VariantSpec, parse_variants
 from megatron_srp.interventions.rewrite import TemplateRewriter
 from megatron_srp.reflection.types import SafetyLabel
 from megatron_srp.taxonomy import REFLECT_CLOSE, REFLECT_OPEN, UNSAFE_TAG, format_reflection
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = "raw,filter,rewrite,tag,srp,refusal"

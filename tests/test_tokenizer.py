@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatron_srp.data.tokenizer import (
+from megatron_srp.taxonomy import EOD, PAD, REFLECT_CLOSE, REFLECT_OPEN, SPECIAL_TOKENS, UNSAFE_TAG
+from megatron_srp.tokenizer import (
     SRP_FILE,
     TOKENIZER_FILE,
     SRPTokenizer,
     default_tokenizer_dir,
     train_bpe_tokenizer,
 )
-from megatron_srp.taxonomy import EOD, PAD, REFLECT_CLOSE, REFLECT_OPEN, SPECIAL_TOKENS, UNSAFE_TAG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_IDS = {EOD: 8187, PAD: 8188, REFLECT_OPEN: 8189, REFLECT_CLOSE: 8190, UNSAFE_TAG: 8191}

@@ -84,26 +84,27 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path) -> N
 
 def test_run_directories_with_another_stamp_are_moved_aside_never_reused(tmp_path) -> None:
     run = tmp_path / "models" / "instruct"
-    assert prepare_run_dir(run, "aaaaaaaa11", {"lr": 1}).state == "fresh"
+    assert prepare_run_dir(run, "aaaaaaaa11", {"lr": 1}, finished=run_finished).state == "fresh"
     assert run_stamp(run) == "aaaaaaaa11"
     (run / "metrics.jsonl").write_text("{}\n")  # a killed run: no finished checkpoint
-    assert prepare_run_dir(run, "aaaaaaaa11").state == "resume"
-    state = prepare_run_dir(run, "bbbbbbbb22")
+    assert prepare_run_dir(run, "aaaaaaaa11", finished=run_finished).state == "resume"
+    state = prepare_run_dir(run, "bbbbbbbb22", finished=run_finished)
     assert state.state == "fresh" and state.moved_to == run.with_name("instruct.stale-aaaaaaaa")
     assert (state.moved_to / "metrics.jsonl").exists() and not (run / "metrics.jsonl").exists()
     assert json.loads((run / RUN_STAMP_FILE).read_text())["stamp"] == "bbbbbbbb22"
     # Back to the first settings: the run kept aside is not taken back; it trains afresh.
     (run / "metrics.jsonl").write_text("{}\n")
-    again = prepare_run_dir(run, "aaaaaaaa11")
+    again = prepare_run_dir(run, "aaaaaaaa11", finished=run_finished)
     assert again.state == "fresh" and again.moved_to.name == "instruct.stale-bbbbbbbb"
     (run / "metrics.jsonl").write_text("{}\n")
-    third = prepare_run_dir(run, "bbbbbbbb22")
+    third = prepare_run_dir(run, "bbbbbbbb22", finished=run_finished)
     assert third.moved_to.name == "instruct.stale-aaaaaaaa-2"
     # A run without a stamp (trained before stamps) is not trusted either.
     legacy = tmp_path / "models" / "legacy"
     legacy.mkdir()
     (legacy / "latest_checkpointed_iteration.txt").write_text("4")
-    assert prepare_run_dir(legacy, "cccc").moved_to.name == "legacy.stale-unstamped"
+    moved = prepare_run_dir(legacy, "cccc", finished=run_finished).moved_to
+    assert moved.name == "legacy.stale-unstamped"
 
 
 def test_run_job_trains_again_when_the_stamp_changes_and_keeps_the_old_run(

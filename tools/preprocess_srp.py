@@ -16,7 +16,7 @@ import yaml
 
 from megatron_srp import cli
 from megatron_srp.data.readers import DEFAULT_MAX_CHARS, TEXT_SPLITS, InputError
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

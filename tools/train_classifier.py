@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = {}
     if args.tokenizer is not None:
-        from megatron_srp.data.tokenizer import SRPTokenizer
+        from megatron_srp.tokenizer import SRPTokenizer
         options["featurizer"] = TokenNgramFeaturizer(SRPTokenizer.from_dir(args.tokenizer))
     report = train_and_write(args.data_dir, args.out_dir, seed=args.seed, **options)
     m = report["held_out_metrics"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from megatron_srp import cli
-from megatron_srp.data.tokenizer import default_tokenizer_dir, train_bpe_tokenizer
+from megatron_srp.tokenizer import default_tokenizer_dir, train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -208,7 +208,7 @@ def fetch_overhead(data_dir: Path, work_dir: Path, samples: int = 20_000, repeat
 
     from megatron_srp.data.gpt_data import build_datasets, dataset_config
     from megatron_srp.data.preprocess import preprocess
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     if order not in ("random", "sequential"):
         raise ValueError(f"order must be random or sequential, not {order!r}")

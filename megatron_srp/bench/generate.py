@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from megatron_srp.training import compat
+from megatron_srp import compat
 
 METHODS = ("greedy", "sample", "beam", "safebeam")
 
@@ -178,9 +178,9 @@ def build_models(checkpoint: Optional[str], preset: str, seq_length: int):
     """``(megatron model, hf model, tokenizer, description)``: a checkpoint's model, or a fresh
     model of ``preset`` with the shipped tokenizer (throughput does not depend on training)."""
     from megatron_srp.config import ExperimentConfig, to_dict
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
     from megatron_srp.inference.hf_export import to_hf_llama
     from megatron_srp.inference.sample import fresh_model, inference_config, load_for_inference
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     if checkpoint:
         model, tokenizer, cfg = load_for_inference(checkpoint)

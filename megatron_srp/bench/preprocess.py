@@ -357,7 +357,7 @@ def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int
               ours_tool: Optional[str] = None) -> dict[str, Any]:
     """Build the corpora, run every case ``repeats`` times (cases interleaved within a repeat),
     check the tokenizers agree, and write ``report.json`` and ``report.md``."""
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     work, python = Path(work_dir), python or sys.executable
     work.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
+from megatron_srp import compat
 from megatron_srp.config import ExperimentConfig
 from megatron_srp.data.gpt_data import BatchPlan
-from megatron_srp.training import compat, parallel
+from megatron_srp.training import parallel
 from megatron_srp.training.metrics import Stopwatch, Throughput
 from megatron_srp.training.step import train_step
 from megatron_srp.validation import Platform, resolved_precision, validate

@@ -1,2 +1,5 @@
-"""Data side of the stack: the tokenizer that owns the special tokens, input readers, and the
-staged preprocessing pipeline that writes Megatron indexed datasets."""
+"""Data side of the stack: input readers, the staged preprocessing pipeline that writes
+Megatron indexed datasets, and the datasets training reads. The tokenizer
+(``megatron_srp/tokenizer.py``) and the document and stage types
+(``megatron_srp/documents.py``) sit below this package, at the root, because the classifiers
+and interventions it runs use them too."""

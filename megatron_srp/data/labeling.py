@@ -18,8 +18,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from megatron_srp.data.pipeline import Document
 from megatron_srp.data.readers import Reject
+from megatron_srp.documents import Document
 from megatron_srp.reflection.segment import SegmentConfig, SegmentStage
 from megatron_srp.reflection.types import ClassifiedDocument
 

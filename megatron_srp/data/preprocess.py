@@ -39,7 +39,6 @@ from megatron_srp.data.outputs import (
     read_dataset_meta,
     remove,
 )
-from megatron_srp.data.pipeline import Stage, default_stages, describe_stages
 from megatron_srp.data.readers import check_text_split, expand_inputs, input_format
 from megatron_srp.data.shard_worker import (
     ShardProcessor,
@@ -49,9 +48,10 @@ from megatron_srp.data.shard_worker import (
     run_worker_shard,
 )
 from megatron_srp.data.shards import DEFAULT_SHARD_BYTES, ReaderOptions, ShardSpec, scan_shards
-from megatron_srp.data.tokenizer import SRPTokenizer
 from megatron_srp.data.variants import VariantSpec, build_variants
+from megatron_srp.documents import Stage, default_stages, describe_stages
 from megatron_srp.reflection.segment import SegmentConfig
+from megatron_srp.tokenizer import SRPTokenizer
 from megatron_srp.units import read_json, stamp, write_atomic
 
 BACKENDS = ("local", "ray")

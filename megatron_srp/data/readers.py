@@ -21,7 +21,7 @@ from typing import IO, Any, Callable, Iterator, Optional, Sequence
 
 import pyarrow.parquet as pq
 
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 
 TEXT_SPLITS = ("blank-lines", "wikitext-articles", "none")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")

@@ -7,7 +7,8 @@ shard-local document numbers); rejected records go to ``<work>/rejects/shard-NNN
 ``<work>/done/shard-NNNNNN.json`` (the shard's counts) is written last, atomically: a shard
 without it is redone from scratch by a resumed run.
 
-Like pipeline.py, this module imports nothing from ``megatron.core`` (seconds per worker).
+Like ``megatron_srp/documents.py``, this module imports nothing from ``megatron.core``
+(seconds per worker).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import IO, Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from megatron_srp.data.labeling import Labeler
-from megatron_srp.data.pipeline import Document, Stage, apply_stages
 from megatron_srp.data.readers import InputError, Reject
 from megatron_srp.data.shards import ReaderOptions, ShardSpec, read_shard
-from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.documents import Document, Stage, apply_stages
 from megatron_srp.reflection.types import ClassifiedDocument
+from megatron_srp.tokenizer import SRPTokenizer
 from megatron_srp.units import write_atomic
 
 CHUNK_DOCS = 256

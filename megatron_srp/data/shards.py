@@ -29,7 +29,7 @@ from megatron_srp.data.readers import (
     read_text,
     record_id,
 )
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 
 DEFAULT_SHARD_BYTES = 16 << 20
 

@@ -33,7 +33,7 @@ def last_token_activations(model, token_lists: Sequence[Sequence[int]], layers: 
     keep their last ``max_sequence_length`` tokens."""
     from tqdm import tqdm
 
-    from megatron_srp.training import compat
+    from megatron_srp import compat
 
     for i, seq in enumerate(token_lists):
         if len(seq) == 0:

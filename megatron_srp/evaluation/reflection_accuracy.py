@@ -13,7 +13,7 @@ comparison has a number:
   token (see :mod:`.probes`), trained on other held-out segments.
 
 Predictions are compared with the labels: accuracy, per-category precision / recall / F1 and a
-confusion matrix (:func:`.classification.classification_report`), plus the AUC of the model's
+confusion matrix (:func:`megatron_srp.reflection.scores.classification_report`), plus the AUC of the model's
 P(Unsafe) where it has one.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_srp.evaluation.classification import Verdict, classification_report
+from megatron_srp.reflection.scores import Verdict, classification_report
 
 CONTEXTS = ("segment", "document")
 METHODS = ("reflection", "few_shot", "probe")
@@ -101,7 +101,7 @@ def load_segments(prefix: str | Path, context: str = "segment", max_segments: Op
 
 def dataset_tokenizer(prefix: str | Path):
     """The tokenizer a preprocessed dataset was written with (``<prefix>.tokenizer/``)."""
-    from megatron_srp.data.tokenizer import SRPTokenizer
+    from megatron_srp.tokenizer import SRPTokenizer
 
     path = Path(str(prefix) + ".tokenizer")
     if not path.is_dir():

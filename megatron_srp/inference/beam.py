@@ -22,11 +22,11 @@ from typing import Optional
 
 import torch
 
-from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.inference.kv_cache import KVCache, left_pad
 from megatron_srp.inference.results import (GenerationResult, finish_result,
                                                prepare_prompts, tag_id)
-from megatron_srp.inference.kv_cache import KVCache, left_pad
 from megatron_srp.inference.sample import _device_of
+from megatron_srp.tokenizer import SRPTokenizer
 
 
 @dataclass

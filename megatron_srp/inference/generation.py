@@ -21,12 +21,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_srp.data.tokenizer import SRPTokenizer
 from megatron_srp.inference.kv_cache import KVCache, left_pad
-from megatron_srp.inference.sample import (GenerationConfig, _decode_continuation, _device_of,
-                                           _next_tokens, _row_generator)
 from megatron_srp.inference.results import (  # noqa: F401  (re-exported: decode's results)
     SAFE_COMPLETION, GenerationResult, finish_result, prepare_prompts, tag_id)
+from megatron_srp.inference.sample import (GenerationConfig, _decode_continuation, _device_of,
+                                           _next_tokens, _row_generator)
+from megatron_srp.tokenizer import SRPTokenizer
 
 @torch.no_grad()
 def sample_ids(model, tokenizer: SRPTokenizer, prompt_ids: Sequence[Sequence[int]],

@@ -25,14 +25,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.inference.kv_cache import KVCache, left_pad
 from megatron_srp.inference.results import (SAFE_COMPLETION, GenerationResult,
                                                prepare_prompts)
-from megatron_srp.inference.kv_cache import KVCache, left_pad
 from megatron_srp.inference.sample import (GenerationConfig, _decode_continuation, _device_of,
                                            _next_tokens, _row_generator)
 from megatron_srp.taxonomy import (DEFAULT_TAXONOMY, REFLECT_CLOSE, REFLECT_OPEN, Taxonomy,
                                    format_reflection, parse_reflection)
+from megatron_srp.tokenizer import SRPTokenizer
 
 SENTENCE_ENDS = (".", "!", "?")
 

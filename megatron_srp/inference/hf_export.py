@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from megatron_srp.model.presets import ModelShape
+from megatron_srp.presets import ModelShape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORT_FILE = "srp_export.json"

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_srp.training import compat
+from megatron_srp import compat
 
 
 class CacheFullError(ValueError):

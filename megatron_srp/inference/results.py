@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from megatron_srp.data.tokenizer import SRPTokenizer
 from megatron_srp.inference.sample import _decode_continuation
 from megatron_srp.taxonomy import UNSAFE_TAG
+from megatron_srp.tokenizer import SRPTokenizer
 
 #: What a short-circuited answer says instead of the model's text.
 SAFE_COMPLETION = "I can't help with that."

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_srp import compat
 from megatron_srp.config import ExperimentConfig
-from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.tokenizer import SRPTokenizer
 from megatron_srp.training import checkpoint as ckpt
-from megatron_srp.training import compat
 from megatron_srp.training.checkpoint import CheckpointError
 
 TOKENIZER_SUBDIR = "tokenizer"

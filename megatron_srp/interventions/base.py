@@ -8,7 +8,7 @@ import random
 from dataclasses import asdict, fields
 from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
 
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 from megatron_srp.reflection.types import ClassifiedDocument, SafetyLabel, Segment
 from megatron_srp.taxonomy import Taxonomy
 

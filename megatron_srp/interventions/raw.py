@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 from megatron_srp.interventions.base import checked_pairs, describe_options, output_document
 from megatron_srp.reflection.types import ClassifiedDocument
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, ClassVar
 
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 from megatron_srp.interventions.base import (
     check_bool,
     checked_pairs,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 from megatron_srp.interventions.base import (
     category_name,
     check_int,

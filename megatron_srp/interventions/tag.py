@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 from megatron_srp.interventions.base import (
     check_int,
     check_number,

@@ -268,11 +268,11 @@ def preprocess_variants(cfg: MedSafetyConfig, out: Path, corpus: str, suffix: st
     from megatron_srp.data.preprocess import PreprocessConfig, run_preprocess
     from megatron_srp.data.shard_worker import Variant
     from megatron_srp.data.shards import ReaderOptions
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
     from megatron_srp.data.variants import VariantSpec
     from megatron_srp.medsafetyworld.corpus import read_corpus
     from megatron_srp.medsafetyworld.world import TAXONOMY
     from megatron_srp.reflection.segment import SegmentConfig
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     items = read_corpus(corpus)
     names = [v for v in variants if v in BASE_VARIANTS]

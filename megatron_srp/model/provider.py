@@ -10,10 +10,10 @@ from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_srp import compat
 from megatron_srp.config import ExperimentConfig
-from megatron_srp.model.presets import padded_vocab_size
 from megatron_srp.model.specs import block_spec, choose_backend
-from megatron_srp.training import compat
+from megatron_srp.presets import padded_vocab_size
 
 
 def transformer_config(cfg: ExperimentConfig, precision: str) -> TransformerConfig:

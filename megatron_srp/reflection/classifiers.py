@@ -135,7 +135,7 @@ class EmbeddedClassifier:
 
     def __init__(self, asset_dir: str | Path | None = None, threshold: float = 0.5,
                  batch_size: int = 256, taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> None:
-        from megatron_srp.data.tokenizer import SRPTokenizer
+        from megatron_srp.tokenizer import SRPTokenizer
 
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")

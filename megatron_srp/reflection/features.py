@@ -38,7 +38,7 @@ def canonical_token_table(tokenizer: Any) -> np.ndarray:
 class TokenNgramFeaturizer:
     """Token ids -> CSR rows of hashed canonical n-gram counts (see the module docstring).
 
-    ``tokenizer`` is the :class:`~megatron_srp.data.tokenizer.SRPTokenizer` the weights were
+    ``tokenizer`` is the :class:`~megatron_srp.tokenizer.SRPTokenizer` the weights were
     trained with; ``max_tokens`` bounds a text's length (longer ones keep their start).
     """
 

@@ -133,7 +133,7 @@ class HFClassifier:
             raise ImportError("the 'hf' classifier needs transformers: "
                               "pip install 'megatron-srp[hf]'") from exc
         if self.device == "auto":
-            from megatron_srp.training import compat
+            from megatron_srp import compat
             device = compat.device()
         else:
             device = torch.device(self.device)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from megatron_srp.data.pipeline import Document
+from megatron_srp.documents import Document
 from megatron_srp.reflection.types import Segment
 
 SPLITTERS = ("blingfire", "regex")
@@ -258,7 +258,7 @@ def segment_text(
 ) -> list[Segment]:
     """Cut ``text`` into :class:`Segment`s that cover it exactly, in order.
 
-    ``tokenizer`` is an :class:`~megatron_srp.data.tokenizer.SRPTokenizer` or a
+    ``tokenizer`` is an :class:`~megatron_srp.tokenizer.SRPTokenizer` or a
     ``tokenizers.Tokenizer``; ``splitter`` overrides ``config.splitter``. ``offsets`` are the
     text's token offsets when the caller already encoded it.
     """
@@ -349,7 +349,7 @@ class SegmentStage:
 
     def _load(self) -> tuple[Any, SentenceSplitter]:
         if self._tokenizer is None:
-            from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+            from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
             self._tokenizer = SRPTokenizer.from_dir(self.tokenizer_dir or default_tokenizer_dir())
         if self._splitter is None:

@@ -260,7 +260,7 @@ def _balanced_weights(labels: Sequence) -> np.ndarray:
 def default_featurizer() -> TokenNgramFeaturizer:
     """Features over the package's shipped tokenizer, the one datasets are built with by
     default (so preprocessing can hand the classifier its ids)."""
-    from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
     return TokenNgramFeaturizer(SRPTokenizer.from_dir(default_tokenizer_dir()))
 
@@ -336,7 +336,7 @@ def write_asset(model: dict[str, Any], out_dir: str | Path,
 
 def evaluate(classifier, examples: Sequence[Example]) -> dict[str, Any]:
     """Accuracy, per-class and per-category P/R/F1, confusion matrices, per-source accuracy."""
-    from megatron_srp.evaluation.classification import Verdict, classification_report
+    from megatron_srp.reflection.scores import Verdict, classification_report
 
     labels = classifier.classify([ex.text for ex in examples])
     report = classification_report([Verdict(ex.safe, ex.category) for ex in examples],

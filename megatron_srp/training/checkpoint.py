@@ -30,8 +30,8 @@ from megatron.core import parallel_state as mpu
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
 
+from megatron_srp import compat
 from megatron_srp.config import ExperimentConfig, to_dict
-from megatron_srp.training import compat
 
 LATEST = "latest"
 RUN_FILE = "run.json"

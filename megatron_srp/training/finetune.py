@@ -20,7 +20,7 @@ import numpy as np
 
 from megatron_srp.config import ConfigError, ExperimentConfig, load_config
 from megatron_srp.data.chat import ChatFormat, SFTDataset, read_chat_jsonl
-from megatron_srp.data.tokenizer import SRPTokenizer
+from megatron_srp.tokenizer import SRPTokenizer
 from megatron_srp.training import checkpoint as ckpt
 from megatron_srp.training import parallel
 from megatron_srp.training.trainer import TrainResult, train_loop

@@ -91,7 +91,7 @@ def run_job(nproc: int, overrides: list[str], save_dir: Path, log_file: Path,
     from megatron_srp.training.checkpoint import run_finished
 
     if stamp is not None:
-        state = prepare_run_dir(save_dir, stamp, settings)
+        state = prepare_run_dir(save_dir, stamp, settings, finished=run_finished)
         if state.moved_to is not None and log is not None:
             log(f"{what}: {save_dir} was trained under other settings; kept at "
                 f"{state.moved_to}, training again")

@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megatron_srp.config import ExperimentConfig
-from megatron_srp.model.presets import ModelShape, padded_vocab_size as padded_vocab
+from megatron_srp.presets import ModelShape, padded_vocab_size as padded_vocab
 from megatron_srp.validation import HOPPER_WITH_TE, data_parallel_size, resolved_precision
 
 GIB = 2**30

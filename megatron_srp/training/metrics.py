@@ -16,7 +16,7 @@ import math
 import time
 from typing import Optional
 
-from megatron_srp.model.presets import ModelShape
+from megatron_srp.presets import ModelShape
 
 # Dense bf16 peak per device (TFLOP/s), from the vendors' datasheets (no sparsity).
 PEAK_BF16_TFLOPS = {

@@ -11,8 +11,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 
+from megatron_srp import compat
 from megatron_srp.config import ExperimentConfig
-from megatron_srp.training import compat
 
 
 def initialize(cfg: ExperimentConfig) -> None:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_srp.training import compat
+from megatron_srp import compat
 
 
 class TimedIterator:

@@ -14,15 +14,16 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
+from megatron_srp import compat
 from megatron_srp.config import ExperimentConfig, config_hash, to_dict, to_yaml
 from megatron_srp.data.curriculum import BlendMonitor, phase_summary
 from megatron_srp.data.gpt_data import BatchPlan, build_datasets, microbatches
-from megatron_srp.data.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.model.init import layout_invariant_init
 from megatron_srp.model.provider import build_model_chunks
 from megatron_srp.model.specs import choose_backend
+from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 from megatron_srp.training import checkpoint as ckpt
-from megatron_srp.training import compat, memory, parallel
+from megatron_srp.training import memory, parallel
 from megatron_srp.training.logger import RunLogger
 from megatron_srp.training.metrics import Stopwatch, Throughput
 from megatron_srp.training.optim import (

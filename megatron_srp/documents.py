@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
-from megatron_srp.data.tokenizer import SRPTokenizer
 from megatron_srp.taxonomy import SPECIAL_TOKENS
+from megatron_srp.tokenizer import SRPTokenizer
 
 
 @dataclass

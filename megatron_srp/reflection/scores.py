@@ -1,5 +1,8 @@
 """Safety-classification metrics, shared by every place that compares verdicts with labels:
-the classifiers' held-out report and a language model's reflection accuracy.
+the classifiers' held-out report (``reflection/train_classifier.py``) and a language model's
+reflection accuracy (``evaluation/reflection_accuracy.py``). They live here, beside the
+classifiers, because evaluation sits above this package and the classifiers' report needs
+them too.
 
 A verdict is safe, or unsafe with an optional hazard category. The report gives accuracy,
 balanced accuracy, precision / recall / F1 for each class, the safe/unsafe confusion matrix,

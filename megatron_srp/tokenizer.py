@@ -33,7 +33,7 @@ _NON_ID_KEYS = ("version", "truncation", "padding")
 
 def default_tokenizer_dir() -> Path:
     """The tokenizer shipped with the package (byte-level BPE, 8192 ids incl. special tokens)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+    return Path(__file__).resolve().parent / "assets" / "tokenizer"
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
