@@ -62,6 +62,12 @@ def json_safe(data: Any) -> Any:
     return data
 
 
+def figure(value: Optional[float]) -> float:
+    """A figure read back from a file that :func:`json_safe` wrote: null is NaN again, so the
+    arithmetic and formatting that handled a missing figure before still do."""
+    return math.nan if value is None else value
+
+
 def write_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` (text, bytes, or JSON-able) to ``path`` so that the file is either the
     old one or the complete new one: a temporary file in the same folder, fsync, rename."""

@@ -46,3 +46,10 @@ def test_records_names_the_line_that_is_not_strict_json(tmp_path: Path) -> None:
 def test_result_files_are_strict_json_at_every_depth(tmp_path: Path) -> None:
     write_atomic(tmp_path / "r.json", {"a": [1.0, math.nan, {"b": -math.inf}], "c": "x"})
     assert _strict((tmp_path / "r.json").read_text()) == {"a": [1.0, None, {"b": None}], "c": "x"}
+
+
+def test_a_missing_figure_read_back_is_nan_again(tmp_path: Path) -> None:
+    from megatron_srp.units import figure
+    write_atomic(tmp_path / "r.json", {"balanced_accuracy": math.nan, "loss": 0.5})
+    back = json.loads((tmp_path / "r.json").read_text())
+    assert math.isnan(figure(back["balanced_accuracy"])) and figure(back["loss"]) == 0.5

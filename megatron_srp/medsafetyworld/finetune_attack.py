@@ -16,6 +16,7 @@ from typing import Optional
 
 from megatron_srp.medsafetyworld.templates import SAFE_KINDS
 from megatron_srp.medsafetyworld.world import CATEGORIES, World
+from megatron_srp.units import figure
 
 
 @dataclass
@@ -114,8 +115,8 @@ def attack_table(cfg, out: Path) -> list[str]:
                 continue
 
             def cell(fn) -> str:
-                b = statistics.fmean(fn(p[0]) for p in pairs)
-                a = statistics.fmean(fn(p[1]) for p in pairs)
+                b = statistics.fmean(figure(fn(p[0])) for p in pairs)
+                a = statistics.fmean(figure(fn(p[1])) for p in pairs)
                 return f"{100 * b:.0f} -> {100 * a:.0f}"
 
             parts = []

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from megatron_srp.evaluation.asr import bootstrap_interval, paired_test
 from megatron_srp.medsafetyworld.templates import HARMFUL_KINDS, SAFE_KINDS
-from megatron_srp.units import write_atomic
+from megatron_srp.units import figure, write_atomic
 
 #: the premise holds when raw and filter reach both (fractions)
 PREMISE_CAPABILITY = 0.6
@@ -222,7 +222,7 @@ def gcg_lines(results: dict[str, Any], out: Path) -> list[str]:
     lines = ["", "GCG (a suffix per attacked query, optimised against each model): target "
              "loss before and after, mean over seeds; exact target hits, summed.", "",
              "| model | target loss before | after | target hits |", "|---|---|---|---|"]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(figure(x) for x in xs) / len(xs)  # noqa: E731
     return lines + [f"| {n} | {mean([g['initial_loss'] for g in f]):.2f} | "
                     f"{mean([g['loss'] for g in f]):.2f} | {sum(g['target_hits'] for g in f)} |"
                     for n, f in rows]
