@@ -1,0 +1,124 @@
+"""One choice of one request as it is generated: its text so far, stop strings, logprobs, and
+the pieces a stream sends.
+
+The engine's thread calls :meth:`Choice.on_token` for every new token. The choice decodes the
+text so far (together with the prompt, so a character split over two byte-level tokens comes out
+whole), ends the answer at the first stop string, and hands the text that is now certain to
+``emit`` for streaming: never the start of a possible stop string, never half a character.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_srp.inference.results import GenerationResult
+from megatron_srp.inference.sample import _decode_continuation
+from megatron_srp.tokenizer import SRPTokenizer
+
+#: How a decoding ``finish`` is reported as OpenAI's ``finish_reason``.
+FINISH_REASON = {"eod": "stop", "length": "length", "tag": "content_filter",
+                 "reflection": "content_filter", "unchecked": "content_filter"}
+
+
+class Choice:
+    """The state of one choice while it is generated, and its final answer."""
+
+    def __init__(self, tokenizer: SRPTokenizer, prompt_ids: list[int], index: int,
+                 stops: list[str], logprobs: Optional[int] = None,
+                 emit: Optional[Callable[[int, str], None]] = None) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.index = index
+        self.stops = stops
+        self.logprobs = logprobs
+        self.emit = emit
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already emitted
+        self.hit_stop = False
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[dict[str, float]] = []
+
+    def on_token(self, token: int, logits: torch.Tensor) -> bool:
+        """Record one new token; True ends the answer (a stop string was written)."""
+        self.ids.append(token)
+        if self.logprobs is not None:
+            self._record_logprobs(token, logits)
+        self.text = _decode_continuation(self.tokenizer, self.prompt_ids, self.ids)
+        cut = self._first_stop()
+        if cut is not None:
+            self.text, self.hit_stop = self.text[:cut], True
+        self._emit(final=self.hit_stop)
+        return self.hit_stop
+
+    def _first_stop(self) -> Optional[int]:
+        found = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def _record_logprobs(self, token: int, logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        self.token_logprobs.append(float(logp[token]))
+        top: dict[str, float] = {}
+        if self.logprobs:
+            values, ids = torch.topk(logp, self.logprobs)
+            for v, i in zip(values.tolist(), ids.tolist()):
+                top.setdefault(self.tokenizer.detokenize([i]), v)
+        self.top_logprobs.append(top)
+
+    def _emit(self, final: bool) -> None:
+        if self.emit is None:
+            return
+        end = len(self.text)
+        if not final:
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            end = max(self.sent, end - hold)
+            while end > self.sent and self.text[end - 1] == "\ufffd":
+                end -= 1  # half a character: wait for the rest
+        if end > self.sent:
+            self.emit(self.index, self.text[self.sent:end])
+            self.sent = end
+
+    # ------------------------------------------------------------------ the final answer
+    def finish(self, result: GenerationResult) -> dict[str, Any]:
+        """The choice's fields once decoding is done (text, finish_reason, srp extension).
+
+        A short-circuited answer (the harmfulness tag, an Unsafe reflection) is the fixed safe
+        completion; a stream has by then sent what came before it, and its last chunk says
+        ``content_filter``. Methods that do not report tokens as they go (beam search, guarded
+        decoding) have their stop strings applied to the finished text."""
+        observed = bool(self.ids) or self.hit_stop
+        if result.short_circuited or not observed:
+            self.text = result.text
+        if not observed and not result.short_circuited:
+            self.ids = list(result.ids)
+            cut = self._first_stop()
+            if cut is not None:
+                self.text, self.hit_stop = self.text[:cut], True
+        reason = "stop" if self.hit_stop else FINISH_REASON.get(result.finish, "stop")
+        srp = {"finish": result.finish, "short_circuited": result.short_circuited,
+               "category": result.category, "reflections": result.reflections}
+        if not result.short_circuited or self.sent == 0:
+            self._emit(final=True)
+        return {"text": self.text, "finish_reason": reason, "srp": srp,
+                "completion_tokens": len(result.ids)}
+
+    def logprobs_body(self) -> Optional[dict[str, Any]]:
+        """OpenAI's completions ``logprobs`` object for the tokens kept in the text."""
+        if self.logprobs is None:
+            return None
+        tokens, offsets, offset = [], [], 0
+        for tok in self.ids:
+            piece = self.tokenizer.detokenize([tok])
+            tokens.append(piece)
+            offsets.append(offset)
+            offset += len(piece)
+        keep = len(tokens)
+        if self.hit_stop:  # drop the tokens that only wrote the stop string
+            while keep and offsets[keep - 1] >= len(self.text):
+                keep -= 1
+        return {"tokens": tokens[:keep],
+                "token_logprobs": [v if math.isfinite(v) else -1e9
+                                   for v in self.token_logprobs[:keep]],
+                "top_logprobs": self.top_logprobs[:keep], "text_offset": offsets[:keep]}

@@ -1,0 +1,198 @@
+"""The batching engine behind the server: one thread owns the model, requests wait in a bounded
+queue, and whatever is waiting when the model comes free is decoded together in one batch.
+
+This is *dynamic* batching: a batch runs to its end before the next one starts (Megatron's
+static KV cache advances every row by one position per step, so rows cannot join a running
+batch). Rows that finish early leave the batch, so a long answer does not slow the short ones
+down, but a request that arrives mid-batch waits for it. With ``max_queue`` requests waiting,
+:meth:`Engine.submit` raises :class:`QueueFull` at once: the server answers 429 with
+``Retry-After`` instead of letting clients hang.
+
+Sampling requests (greedy, top-k, top-p) that share ``temperature``, ``top_k`` and ``top_p``
+share a batch whatever their lengths, seeds and ``max_tokens``: each row has its own random
+stream (seeded by the request's ``seed`` and the choice index), so a seeded request gets the
+same answer alone or in a batch. SafeBeam and reflection-guarded requests batch with requests of
+the same settings.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_srp.inference.generation import decode_ids, sample_ids
+from megatron_srp.inference.results import GenerationResult, finish_result, tag_id
+from megatron_srp.inference.sample import GenerationConfig, _device_of, _row_generator
+from megatron_srp.tokenizer import SRPTokenizer
+
+
+class QueueFull(RuntimeError):
+    """The engine already holds ``max_queue`` waiting requests."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"the server is busy; retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Job:
+    """One choice of one request: its prompt ids, how to decode it, and where the answer goes.
+
+    ``method`` is a decoding config (``GenerationConfig``, ``SafeBeamConfig``, ``GuardConfig``);
+    for sampling, ``max_new_tokens`` is this job's own limit. ``on_token(token, logits)`` (if
+    set) sees every new token as it is drawn (streaming, logprobs, stop strings) and returns
+    True to end the answer there. The future receives a :class:`GenerationResult`."""
+
+    prompt_ids: list[int]
+    method: Any
+    seed: int = 0
+    choice: int = 0
+    on_token: Optional[Callable[[int, torch.Tensor], bool]] = None
+    future: Future = field(default_factory=Future)
+    stopped_by_observer: bool = False
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys may share a batch."""
+        m = self.method
+        if isinstance(m, GenerationConfig):
+            return ("sample", m.temperature, m.top_k, m.top_p, m.stop_at_eod)
+        return (type(m).__name__, repr(asdict(m)))
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.method.max_new_tokens)
+
+
+class Engine:
+    """Owns the model; :meth:`submit` queues a job, a worker thread decodes batches."""
+
+    def __init__(self, model, tokenizer: SRPTokenizer, max_batch: int = 32,
+                 max_queue: int = 256, batch_wait_s: float = 0.01) -> None:
+        if max_batch < 1 or max_queue < 1 or batch_wait_s < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and batch_wait_s >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.window = int(model.max_sequence_length)
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._tag = tag_id(tokenizer)
+        self.stats = {"batches": 0, "jobs": 0, "rejected": 0, "largest_batch": 0}
+        self._seconds_per_batch = 1.0
+        self._thread = threading.Thread(target=self._loop, name="srp-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side
+    def submit(self, jobs: list[Job]) -> list[Future]:
+        """Queue the jobs of one request together, or none of them (``QueueFull``)."""
+        if self._stop.is_set():
+            raise RuntimeError("the engine is shut down")
+        q = self._queue
+        with q.mutex:  # all choices of a request in, or none
+            if q.maxsize and len(q.queue) + len(jobs) > q.maxsize:
+                self.stats["rejected"] += 1
+                raise QueueFull(self.retry_after_s(len(q.queue)))
+            for job in jobs:
+                q.queue.append(job)
+                q.unfinished_tasks += 1
+            q.not_empty.notify(len(jobs))
+        return [job.future for job in jobs]
+
+    def retry_after_s(self, waiting: int) -> float:
+        """How long ``waiting`` requests take to drain at the recent pace (at least 1 s)."""
+        batches = waiting / self.max_batch + 1
+        return max(1.0, round(batches * self._seconds_per_batch))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ worker side
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            for group in self._groups(batch):
+                started = time.monotonic()
+                self._run(group)
+                self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (
+                    time.monotonic() - started)
+
+    def _groups(self, batch: list[Job]) -> list[list[Job]]:
+        """Jobs that can share one decoding call: the same settings, and together within the
+        context window (the longest prompt plus the longest answer)."""
+        groups: list[list[Job]] = []
+        by_key: dict[tuple, list[Job]] = {}
+        for job in batch:
+            by_key.setdefault(job.batch_key(), []).append(job)
+        for jobs in by_key.values():
+            current: list[Job] = []
+            for job in sorted(jobs, key=lambda j: len(j.prompt_ids)):
+                longest = max([len(j.prompt_ids) for j in current + [job]])
+                answer = max([j.max_new_tokens for j in current + [job]])
+                if current and longest + answer > self.window:
+                    groups.append(current)
+                    current = []
+                current.append(job)
+            groups.append(current)
+        return groups
+
+    def _run(self, jobs: list[Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        self.stats["batches"] += 1
+        self.stats["jobs"] += len(live)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+        try:
+            if isinstance(live[0].method, GenerationConfig):
+                results = self._sample(live)
+            else:
+                results = decode_ids(self.model, self.tokenizer,
+                                     [j.prompt_ids for j in live], live[0].method)
+        except Exception as exc:  # the batch fails; the server reports it and keeps serving
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        for job, result in zip(live, results):
+            job.future.set_result(result)
+
+    def _sample(self, jobs: list[Job]) -> list[GenerationResult]:
+        limits = [j.max_new_tokens for j in jobs]
+        gen = replace(jobs[0].method, max_new_tokens=max(limits))
+        dev = _device_of(self.model)
+        generators = [_row_generator(j.seed, j.choice, dev) for j in jobs]
+
+        def observe(row: int, token: int, logits: torch.Tensor) -> bool:
+            job = jobs[row]
+            if job.on_token is not None and job.on_token(token, logits):
+                job.stopped_by_observer = True
+                return True
+            return False
+
+        out = sample_ids(self.model, self.tokenizer, [j.prompt_ids for j in jobs], gen,
+                         stop_ids=[self._tag], limits=limits, generators=generators,
+                         observe=observe)
+        return [finish_result(self.tokenizer, j.prompt_ids, ids, stop, self._tag)
+                for j, (ids, stop) in zip(jobs, out)]
+
+
+def new_seed(counter=itertools.count(int(time.time()))) -> int:
+    """A seed for a request that gave none (each such request samples differently)."""
+    return next(counter) % (2**31)
