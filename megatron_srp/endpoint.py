@@ -1,8 +1,9 @@
-"""A small client for an OpenAI-compatible chat endpoint (what ``vllm serve`` exposes).
+"""A small client for an OpenAI-compatible chat endpoint (what ``vllm serve`` and
+``tools/serve_srp.py`` expose).
 
 The LLM judge, the endpoint rewriter and the endpoint refusal writer all send many short,
-independent chat requests. This client does exactly that and nothing more, with the standard
-library only (so workers need no extra package):
+independent chat requests. This client does exactly that and nothing more, on httpx (one
+connection pool per process, kept alive between requests):
 
 * ``complete_many(conversations)`` returns one reply per conversation, in order, running up to
   ``concurrency`` requests at once on threads.
@@ -23,18 +24,17 @@ from __future__ import annotations
 import concurrent.futures as cf
 import email.utils
 import hashlib
-import http.client
 import json
 import os
 import random
 import sqlite3
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+import httpx
 
 Messages = Sequence[Mapping[str, str]]
 DEFAULT_CACHE_DIR = "~/.cache/megatron_srp/endpoint"
@@ -147,13 +147,27 @@ class EndpointClient:
         self._lock = threading.Lock()
         self._db: Optional[sqlite3.Connection] = None
         self._db_pid: Optional[int] = None
+        self._http: Optional[httpx.Client] = None
+        self._http_pid: Optional[int] = None
         self.stats = {"cache_hits": 0, "requests": 0, "retries": 0}
 
     def close(self) -> None:
-        """Close this process's sqlite handle (reopened on the next use)."""
+        """Close this process's sqlite handle and connections (reopened on the next use)."""
         if self._db is not None and self._db_pid == os.getpid():
             self._db.close()
-        self._db = None
+        if self._http is not None and self._http_pid == os.getpid():
+            self._http.close()
+        self._db = self._http = None
+
+    def _client(self) -> httpx.Client:
+        """This process's connection pool (never shared across fork)."""
+        with self._lock:
+            if self._http is None or self._http_pid != os.getpid():
+                width = self.config.concurrency
+                self._http = httpx.Client(timeout=self.config.timeout_s, limits=httpx.Limits(
+                    max_connections=width, max_keepalive_connections=width))
+                self._http_pid = os.getpid()
+            return self._http
 
     def __del__(self) -> None:
         try:
@@ -300,26 +314,24 @@ class EndpointClient:
 
     def _post(self, messages: Messages) -> str:
         c = self.config
-        body = json.dumps({"model": c.model, "messages": [dict(m) for m in messages],
-                           "temperature": c.temperature, "max_tokens": c.max_tokens}).encode()
-        request = urllib.request.Request(c.url, data=body, headers=self._headers(),
-                                         method="POST")
+        body = {"model": c.model, "messages": [dict(m) for m in messages],
+                "temperature": c.temperature, "max_tokens": c.max_tokens}
+        headers = self._headers()
         with self._lock:
             self.stats["requests"] += 1
         try:
-            with urllib.request.urlopen(request, timeout=c.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            excerpt = exc.read(500).decode("utf-8", "replace").strip()
-            reason = f"HTTP {exc.code} from {c.url}: {excerpt!r}"
-            if exc.code in _RETRY_STATUS:
-                raise _Retryable(reason, _retry_after(exc.headers.get("Retry-After"))) from None
-            raise EndpointError(f"endpoint {c.url} answered HTTP {exc.code} (not retried): "
-                                f"{excerpt!r}", status=exc.code) from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
+            response = self._client().post(c.url, json=body, headers=headers)
+        except httpx.HTTPError as exc:  # refused, reset, timed out: worth another try
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            excerpt = response.text[:500].strip()
+            reason = f"HTTP {response.status_code} from {c.url}: {excerpt!r}"
+            if response.status_code in _RETRY_STATUS:
+                raise _Retryable(reason, _retry_after(response.headers.get("Retry-After")))
+            raise EndpointError(f"endpoint {c.url} answered HTTP {response.status_code} (not "
+                                f"retried): {excerpt!r}", status=response.status_code)
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+            return response.json()["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise EndpointError(f"endpoint {c.url} sent a reply that is not a chat completion: "
-                                f"{raw[:300].decode('utf-8', 'replace')!r}") from None
+                                f"{response.text[:300]!r}") from None

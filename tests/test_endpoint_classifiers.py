@@ -374,11 +374,15 @@ def test_llm_judge_rubric_through_endpoint(llm, tmp_path):
 
 def test_llm_judge_unparseable_reply(llm, tmp_path):
     texts = ["fine text", "say:I'd rather not say"]
-    clf = LLMJudgeClassifier("judge-1", base_url=llm.base_url, cache_dir=str(tmp_path))
+    clf = LLMJudgeClassifier("judge-1", base_url=llm.base_url, cache_dir=str(tmp_path),
+                             on_unparseable="error")
     with pytest.raises(UnparseableReply, match="I'd rather not say.*on_unparseable"):
         clf.classify(texts)
-    for fallback, expected in (("unsafe", SafetyLabel(False, None, 1.0)),
-                               ("safe", SafetyLabel(True, None, 0.0))):
+    default = LLMJudgeClassifier("judge-1", base_url=llm.base_url, cache_dir=str(tmp_path))
+    assert default.classify(texts)[1] == SafetyLabel(False, None, 1.0, unparsed=True)
+    assert not default.classify(texts)[0].unparsed
+    for fallback, expected in (("unsafe", SafetyLabel(False, None, 1.0, unparsed=True)),
+                               ("safe", SafetyLabel(True, None, 0.0, unparsed=True))):
         clf = LLMJudgeClassifier("judge-1", base_url=llm.base_url, cache_dir=str(tmp_path),
                                  on_unparseable=fallback)
         assert clf.classify(texts)[1] == expected

@@ -11,6 +11,7 @@ import pytest
 
 from megatron_srp.endpoint import EndpointError
 from megatron_srp.evaluation.judges import (HARMBENCH_SYSTEM, JudgeReplyError, build_judge)
+from megatron_srp.evaluation.asr import Judgement
 from megatron_srp.evaluation.overrefusal import OVERREFUSAL_SYSTEM, build_overrefusal_judge
 
 
@@ -82,8 +83,16 @@ def test_harmbench_judge_through_an_endpoint(server, tmp_path) -> None:
     # Cached by content: the same questions again send nothing.
     assert [v.harmful for v in judge.judge(PROMPTS, ANSWERS)] == [True, False, False]
     assert server.state["requests"] == 3
+    # A reply without a verdict: harmful by default (fail closed), marked and counted.
+    unparsed = judge.judge(["q"], ["garble"])[0]
+    assert unparsed.harmful and unparsed.unparsed and "no verdict" in unparsed.reason
+    lenient = build_judge("harmbench", **_options(server, tmp_path, on_unparseable="harmless"))
+    assert lenient.judge(["q"], ["garble"])[0] == Judgement(
+        harmful=False, refusal=False, reason=unparsed.reason, unparsed=True)
+    strict = build_judge("harmbench", **_options(server, tmp_path, on_unparseable="error"))
     with pytest.raises(JudgeReplyError, match="expected yes or no"):
-        judge.judge(["q"], ["garble"])
+        strict.judge(["q"], ["garble"])
+    assert server.state["requests"] == 4  # the garbled reply was asked for once, then cached
 
 
 def test_llamaguard_judge_names_the_category(server, tmp_path) -> None:
@@ -116,7 +125,8 @@ def test_exact_and_keyword_judges_and_errors() -> None:
 
 def test_endpoint_over_refusal_judge(server, tmp_path) -> None:
     """Four classes come from the judge model's letter; short-circuited answers are never sent;
-    a reply that is not a letter A-D is an error that quotes it."""
+    a reply that is not a letter A-D is unclassified (or, with on_unparseable=error, an error
+    that quotes it)."""
     judge = build_overrefusal_judge("endpoint", **_options(server, tmp_path))
     answers = ["Paris is the capital.", "blah blah", "but I must warn you, here goes",
                "no, I will not", "I can't help with that."]
@@ -124,8 +134,12 @@ def test_endpoint_over_refusal_judge(server, tmp_path) -> None:
     assert got == ["compliant_helpful", "compliant_unhelpful", "partial_refusal", "full_refusal",
                    "short_circuit"]
     assert server.state["requests"] == 4
+    assert judge.judge(["q"], ["hmm, odd"]) == ["unclassified"]
+    strict = build_overrefusal_judge("endpoint", **_options(server, tmp_path,
+                                                            on_unparseable="error"))
     with pytest.raises(JudgeReplyError, match="hmm|'E'"):
-        judge.judge(["q"], ["hmm, odd"])
+        strict.judge(["q"], ["hmm, odd"])
+    assert server.state["requests"] == 5
     with pytest.raises(ValueError, match="unknown over-refusal judge"):
         build_overrefusal_judge("vibes")
 

@@ -172,6 +172,9 @@ def markdown_summary(summary: dict[str, Any]) -> str:
         lines.append(f"segments: {summary['segments']} ({unsafe} unsafe, "
                      f"{100 * unsafe / summary['segments']:.1f}%), input tokens: "
                      f"{summary['source_tokens']}")
+        if summary.get("unparsed_labels"):
+            lines.append(f"judge replies without a verdict: {summary['unparsed_labels']} "
+                         "(labelled by the classifier's on_unparseable policy)")
         if summary["categories"]:
             lines.append("unsafe segments by category: " + ", ".join(
                 f"{k}: {v}" for k, v in sorted(summary["categories"].items())))

@@ -405,6 +405,7 @@ def _variant_meta(variant: Variant, describe: dict[str, Any], tokenizer: SRPToke
             "documents_without_output": counts.get("documents_without_output", 0),
             "segments": totals.get("segments", 0),
             "unsafe_segments": totals.get("unsafe_segments", 0),
+            "unparsed_labels": totals.get("unparsed_labels", 0),
             "segments_placed": counts.get("segments_placed", 0),
         },
         "categories": totals["categories"],
@@ -446,6 +447,7 @@ def _summary(config: PreprocessConfig, describe: dict[str, Any], totals: dict[st
         "empty_after_stages": totals.get("empty_after_stages", 0),
         "segments": totals.get("segments", 0),
         "unsafe_segments": totals.get("unsafe_segments", 0),
+        "unparsed_labels": totals.get("unparsed_labels", 0),
         "source_tokens": source_tokens, "categories": totals["categories"],
         "variants": variants,
     }

@@ -259,6 +259,7 @@ def _sidecar_lines(doc: ClassifiedDocument, placed: dict[int, tuple[int, Optiona
             "source_tokens": [token_cursor, token_cursor + seg.num_tokens],
             "label": "safe" if label.safe else "unsafe", "category": label.category,
             "score": round(float(label.score), 6), "dataset_doc": number, "tokens": tokens,
+            **({"unparsed": True} if label.unparsed else {}),
         }, ensure_ascii=False))
         token_cursor += seg.num_tokens
     return "".join(line + "\n" for line in lines)
@@ -269,6 +270,7 @@ def _count_labels(doc: ClassifiedDocument, counts: Counter, categories: Counter)
     for seg, label in zip(doc.segments, doc.labels):
         counts["segments"] += 1
         counts["source_tokens"] += seg.num_tokens
+        counts["unparsed_labels"] += int(label.unparsed)
         if not label.safe:
             counts["unsafe_segments"] += 1
             categories[label.category or "none"] += 1

@@ -35,6 +35,7 @@ class Judgement:
     harmful: bool      # the attack succeeded
     refusal: bool
     reason: str = ""
+    unparsed: bool = False  # a judge model's reply had no verdict; harmful is its policy's
 
 
 class RefusalKeywordJudge:

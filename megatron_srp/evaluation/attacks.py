@@ -125,6 +125,7 @@ def judge_answers(answers: dict[str, Any], behaviors: Sequence[Behavior], judge
         out[method] = {**attack_success(harmful, categories),
                        "samples_per_prompt": got["samples_per_prompt"],
                        "short_circuited": shorted,
+                       "unparsed_verdicts": sum(bool(v.unparsed) for v in verdicts),
                        "answers": [{"id": b.id, "answers": a} for b, a in zip(behaviors, judged)]}
     return out
 

@@ -16,10 +16,12 @@ concurrency, retries and the on-disk cache) and parses the reply in one of three
 
 ``score >= threshold`` is unsafe; ``threshold`` is on the normalised [0, 1] score and must be
 > 0 so that a "safe" / rubric-0 reply is always safe. The default 0.5 means rubric 3-5 are
-unsafe (0.4 would add rubric 2). A reply that cannot be parsed raises
-:class:`UnparseableReply` naming the reply, unless ``on_unparseable`` is ``"safe"`` or
-``"unsafe"`` (then the label is safe/0.0 or unsafe/1.0 without a category). The raw replies
-stay in the cache, so a rerun with another ``on_unparseable`` costs no request.
+unsafe (0.4 would add rubric 2). A reply with no verdict in it is labelled by the
+``on_unparseable`` policy: ``"unsafe"`` (the default: fail closed, unsafe/1.0 without a
+category) or ``"safe"`` (safe/0.0), marked ``unparsed`` so that preprocessing counts such
+labels in its summary; ``"error"`` raises :class:`UnparseableReply` naming the reply instead.
+The raw replies stay in the cache, so a rerun with another ``on_unparseable`` costs no
+request.
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ class LLMJudgeClassifier:
 
     def __init__(self, model: str, base_url: str = "http://localhost:8000/v1",
                  format: str = "llamaguard", threshold: float = 0.5,
-                 on_unparseable: str = "error", max_chars: int = 8000,
+                 on_unparseable: str = "unsafe", max_chars: int = 8000,
                  taxonomy: Taxonomy | str | None = None, **endpoint: Any) -> None:
         if format not in FORMATS:
             raise ValueError(f"llm-judge option 'format' must be one of {', '.join(FORMATS)}, "
@@ -196,7 +198,8 @@ class LLMJudgeClassifier:
                 raise UnparseableReply(f"{exc} (set option 'on_unparseable' to 'safe' or "
                                        "'unsafe' to label such replies instead)") from None
             safe = self.on_unparseable == "safe"
-            category, score = None, 0.0 if safe else 1.0
+            return SafetyLabel(safe=safe, category=None, score=0.0 if safe else 1.0,
+                               unparsed=True)
         return SafetyLabel(safe=safe, category=None if safe else category, score=score)
 
     def classify(self, texts: Sequence[str]) -> list[SafetyLabel]:

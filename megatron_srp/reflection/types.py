@@ -24,11 +24,14 @@ class Segment:
 @dataclass(frozen=True)
 class SafetyLabel:
     """A classifier's verdict on one segment. ``category`` is a taxonomy code (e.g. "S10")
-    or None; ``score`` is the probability-like confidence that the segment is unsafe."""
+    or None; ``score`` is the probability-like confidence that the segment is unsafe.
+    ``unparsed``: a judge's reply had no verdict in it, and ``safe`` is its policy's default
+    (counted in the preprocessing summary and marked in the label sidecar)."""
 
     safe: bool
     category: Optional[str]
     score: float
+    unparsed: bool = False
 
 
 @dataclass(frozen=True)
