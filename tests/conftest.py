@@ -80,3 +80,30 @@ def tiny_pretrained(shakespeare_dataset: str, tmp_path_factory) -> Path:
     run_pretrain(2, [*TINY, f"data.paths=[{shakespeare_dataset}]", f"checkpoint.save={out}",
                      "train.train_iters=20"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_long_context(shakespeare_dataset: str, tmp_path_factory) -> Path:
+    """A tiny model with a 1024-token context, pretrained for a few steps on one rank: long
+    enough for the judges' and writers' prompts when it is served (its answers are noise)."""
+    from megatron_srp.training.launch import TINY, run_pretrain
+
+    out = tmp_path_factory.mktemp("tiny_long_context")
+    run_pretrain(1, [*TINY, f"data.paths=[{shakespeare_dataset}]", f"checkpoint.save={out}",
+                     "train.seq_length=1024", "train.micro_batch_size=1",
+                     "train.global_batch_size=2", "train.train_iters=4"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_long_context: Path, tmp_path_factory):
+    """tools/serve_srp.py serving ``tiny_long_context`` in a subprocess on a free loopback
+    port, for the whole session; ``.name`` is the model name it answers to."""
+    from megatron_srp.bench.serve import ServerProcess
+    from megatron_srp.serving.server import model_name
+
+    log = tmp_path_factory.mktemp("served_tiny") / "server.log"
+    with ServerProcess(tiny_long_context, ["--max-batch", "8"], log_path=log) as srv:
+        srv.name = model_name(tiny_long_context)
+        srv.checkpoint_dir = tiny_long_context
+        yield srv

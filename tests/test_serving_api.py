@@ -1,5 +1,5 @@
 """tools/serve_srp.py as a real subprocess on a loopback port, serving a tiny checkpoint trained
-in this test session: answers equal offline decoding, batching changes nothing, streaming, stop
+in this test session (conftest.py's ``served_tiny``): answers equal offline decoding, batching changes nothing, streaming, stop
 strings, logprobs, the project's decoding modes, every bad request a 4xx naming its field with
 the server still serving, 429 with Retry-After when the queue is full, and the ``openai``
 package as a client nobody here wrote."""
@@ -16,11 +16,8 @@ from megatron_srp.serving.server import model_name
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pretrained, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with ServerProcess(tiny_pretrained, ["--max-batch", "8"], log_path=log) as srv:
-        srv.name = model_name(tiny_pretrained)
-        yield srv
+def server(served_tiny):
+    return served_tiny
 
 
 def _post(srv, path: str, body, **kw) -> httpx.Response:
@@ -39,11 +36,11 @@ def _complete(srv, prompt, **kw) -> dict:
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "KING"]
 
 
-def test_greedy_answers_equal_offline_decoding_alone_and_batched(server, tiny_pretrained):
+def test_greedy_answers_equal_offline_decoding_alone_and_batched(server):
     from megatron_srp.inference.generation import decode
     from megatron_srp.inference.sample import GenerationConfig, load_for_inference, shutdown
 
-    model, tokenizer, _ = load_for_inference(tiny_pretrained)
+    model, tokenizer, _ = load_for_inference(server.checkpoint_dir)
     try:
         offline = decode(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=12,
                                                                      temperature=0))
@@ -124,7 +121,7 @@ BAD = [  # (body, status, the field the error names)
     ({"model": "M", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "M", "prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
     ({"model": "M", "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
-    ({"model": "M", "prompt": "word " * 200, "max_tokens": 8}, 400, "prompt"),
+    ({"model": "M", "prompt": "word " * 1100, "max_tokens": 8}, 400, "prompt"),
     ({"model": "M", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"model": "M", "prompt": "x", "n": "two"}, 400, "n"),
     ({"model": "M", "prompt": 42}, 400, "prompt"),
@@ -150,17 +147,16 @@ def test_a_bad_request_is_named_and_the_next_one_is_served(server, body, status,
 def test_bad_chat_requests_name_the_field(server):
     for messages, param in (([], "messages"), ([{"role": "bot", "content": "hi"}],
                                                "messages.0.role"),
-                            ([{"role": "user", "content": "hi"},
-                              {"role": "assistant", "content": "yo"}], "messages")):
+                            ([{"role": "system", "content": "be brief"}], "messages")):
         r = _post(server, "/chat/completions", {"model": server.name, "messages": messages})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
-def test_a_full_queue_answers_429_with_retry_after(tiny_pretrained, tmp_path):
-    with ServerProcess(tiny_pretrained, ["--max-batch", "1", "--max-queue", "1",
+def test_a_full_queue_answers_429_with_retry_after(tiny_long_context, tmp_path):
+    with ServerProcess(tiny_long_context, ["--max-batch", "1", "--max-queue", "1",
                                          "--batch-wait-ms", "0"],
                        log_path=tmp_path / "log") as srv:
-        body = {"model": model_name(tiny_pretrained), "prompt": "ROMEO:", "max_tokens": 100,
+        body = {"model": model_name(tiny_long_context), "prompt": "ROMEO:", "max_tokens": 100,
                 "temperature": 0}
         with cf.ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda _: httpx.post(srv.base_url + "/completions",

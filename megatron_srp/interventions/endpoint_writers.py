@@ -102,20 +102,38 @@ class _EndpointWriter:
 
 
 class EndpointRewriter(_EndpointWriter):
-    """SafeWeb-style rewrites by a served LLM (the ``Rewriter`` protocol of ``rewrite.py``)."""
+    """SafeWeb-style rewrites by a served LLM (the ``Rewriter`` protocol of ``rewrite.py``).
+    An empty reply is a ``ValueError`` quoting the passage, unless ``on_empty`` is
+    ``"template"``: then the template rewrite is used for that passage."""
 
     kind = "endpoint-rewriter"
+
+    def __init__(self, model: str, on_empty: str = "error", **options: Any) -> None:
+        if on_empty not in ("error", "template"):
+            raise ValueError(f"{self.kind} option 'on_empty' must be 'error' or 'template', "
+                             f"got {on_empty!r}")
+        super().__init__(model, **options)
+        self.on_empty = on_empty
 
     def rewrite(self, segment_text: str, label: SafetyLabel) -> str:
         return self.rewrite_many([(segment_text, label)])[0]
 
     def rewrite_many(self, items: Sequence[tuple[str, SafetyLabel]]) -> list[str]:
+        from megatron_srp.interventions.rewrite import TemplateRewriter
+
         replies = [r.strip() for r in self._ask(REWRITE_SYSTEM, REWRITE_PROMPT, items)]
-        for (text, _), reply in zip(items, replies):
-            if not reply:
+        for i, ((text, label), reply) in enumerate(zip(items, replies)):
+            if reply:
+                continue
+            if self.on_empty == "error":
                 raise ValueError(f"{self.kind}: the endpoint returned an empty rewrite for "
-                                 f"{text[:80]!r}")
+                                 f"{text[:80]!r} (set option 'on_empty' to 'template' to use "
+                                 "the template rewrite instead)")
+            replies[i] = TemplateRewriter(self.taxonomy).rewrite(text, label)
         return replies
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "on_empty": self.on_empty}
 
 
 class EndpointDialogueWriter(_EndpointWriter):

@@ -50,8 +50,11 @@ class Reflect:
 
     def _reflection(self, doc_id: str, label: SafetyLabel) -> tuple[str, dict[str, Any]]:
         category = None if label.safe or not self.options.include_category else label.category
+        # An unsafe label without a category (a judge reply with no verdict, a classifier that
+        # names none) gets a bare "Unsafe".
+        with_category = self.options.include_category and (label.safe or category is not None)
         try:
-            text = format_reflection(label.safe, category, self.options.include_category,
+            text = format_reflection(label.safe, category, with_category,
                                      taxonomy=self.taxonomy)
         except ValueError as exc:
             raise ValueError(f"document {doc_id!r}: cannot write reflection for {label}: {exc}"
