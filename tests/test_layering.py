@@ -4,7 +4,7 @@ The layers, lowest first (CONTRIBUTING.md, "Where code goes"): the bottom module
 ``megatron_srp/`` (``__init__``, ``taxonomy``, ``units``, ``endpoint``, ``tokenizer``,
 ``documents``, ``compat``, ``presets``, ``config``) -> ``reflection`` -> ``interventions`` ->
 ``data`` -> ``model`` -> ``validation`` -> ``training`` -> ``inference``, ``deploy`` ->
-``evaluation`` -> ``medsafetyworld``, ``bench``; ``tools/`` scripts sit outside, on top. A
+``evaluation`` -> ``serving`` -> ``medsafetyworld``, ``bench``; ``tools/`` scripts sit outside, on top. A
 package may import itself and what lies below it, nothing beside or above.
 
 The walker reads the source with ``ast`` (every ``import`` and ``from ... import``, those inside
@@ -28,7 +28,7 @@ BOTTOM = ("__init__", "taxonomy", "units", "endpoint", "tokenizer", "documents",
 # Lowest first. A layer may import itself and the layers of lower rank; layers of equal rank
 # (inference and deploy, medsafetyworld and bench) may not import each other.
 FLOW = ["bottom", "reflection", "interventions", "data", "model", "validation", "training",
-        "inference deploy", "evaluation", "medsafetyworld bench"]
+        "inference deploy", "evaluation", "serving", "medsafetyworld bench"]
 RANK = {layer: rank for rank, row in enumerate(FLOW) for layer in row.split()}
 
 

@@ -104,23 +104,27 @@ class _EndpointWriter:
 class EndpointRewriter(_EndpointWriter):
     """SafeWeb-style rewrites by a served LLM (the ``Rewriter`` protocol of ``rewrite.py``).
     An empty reply is a ``ValueError`` quoting the passage, unless ``on_empty`` is
-    ``"template"``: then the template rewrite is used for that passage."""
+    ``"template"``: then ``fallback`` (the template rewriter, which ``Rewrite`` passes) rewrites
+    that passage."""
 
     kind = "endpoint-rewriter"
 
-    def __init__(self, model: str, on_empty: str = "error", **options: Any) -> None:
+    def __init__(self, model: str, on_empty: str = "error", fallback: Any = None,
+                 **options: Any) -> None:
         if on_empty not in ("error", "template"):
             raise ValueError(f"{self.kind} option 'on_empty' must be 'error' or 'template', "
                              f"got {on_empty!r}")
+        if on_empty == "template" and fallback is None:
+            raise ValueError(f"{self.kind}: on_empty='template' needs the template rewriter "
+                             "as fallback (Rewrite passes it)")
         super().__init__(model, **options)
         self.on_empty = on_empty
+        self.fallback = fallback
 
     def rewrite(self, segment_text: str, label: SafetyLabel) -> str:
         return self.rewrite_many([(segment_text, label)])[0]
 
     def rewrite_many(self, items: Sequence[tuple[str, SafetyLabel]]) -> list[str]:
-        from megatron_srp.interventions.rewrite import TemplateRewriter
-
         replies = [r.strip() for r in self._ask(REWRITE_SYSTEM, REWRITE_PROMPT, items)]
         for i, ((text, label), reply) in enumerate(zip(items, replies)):
             if reply:
@@ -129,7 +133,7 @@ class EndpointRewriter(_EndpointWriter):
                 raise ValueError(f"{self.kind}: the endpoint returned an empty rewrite for "
                                  f"{text[:80]!r} (set option 'on_empty' to 'template' to use "
                                  "the template rewrite instead)")
-            replies[i] = TemplateRewriter(self.taxonomy).rewrite(text, label)
+            replies[i] = self.fallback.rewrite(text, label)
         return replies
 
     def describe(self) -> dict[str, Any]:

@@ -97,7 +97,8 @@ class Rewrite:
         if self.rewriter is None and self.options.rewriter == "endpoint":
             from megatron_srp.interventions.endpoint_writers import EndpointRewriter
             object.__setattr__(self, "rewriter",
-                               EndpointRewriter(**self.options.endpoint, taxonomy=self.taxonomy))
+                               EndpointRewriter(**self.options.endpoint, taxonomy=self.taxonomy,
+                                                fallback=TemplateRewriter(self.taxonomy)))
 
     def _rewriter(self) -> Rewriter:
         return self.rewriter if self.rewriter is not None else TemplateRewriter(self.taxonomy)
