@@ -5,7 +5,8 @@ and through ``tools/serve_srp.py`` started as a real subprocess on 127.0.0.1, by
 number of concurrent clients (threads, one pooled httpx client each) until every request is
 answered. Both decode greedily with the same ``max_tokens``, so the tokens are the same work.
 Reported per concurrency: requests/s, completion tokens/s, p50/p99 latency, and served
-tokens/s as a share of offline tokens/s.
+tokens/s as a share of two offline figures: all prompts in one batch, and the prompts in batches
+as large as the concurrency (the largest batch that many clients can give the server).
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ class LoadResult:
     completion_tokens: int
     latencies: list[float]
 
-    def row(self, offline_tokens_per_s: float) -> dict[str, Any]:
+    def row(self, offline_tokens_per_s: float, same_batch_tokens_per_s: float
+            ) -> dict[str, Any]:
         lat = sorted(self.latencies)
         p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]
         tps = self.completion_tokens / self.seconds
@@ -114,7 +116,8 @@ class LoadResult:
                 "requests_per_s": round(self.requests / self.seconds, 2),
                 "tokens_per_s": round(tps, 1),
                 "p50_ms": round(1000 * statistics.median(lat), 1), "p99_ms": round(1000 * p99, 1),
-                "ratio_to_offline": round(tps / offline_tokens_per_s, 3)}
+                "ratio_to_offline": round(tps / offline_tokens_per_s, 3),
+                "ratio_to_offline_same_batch": round(tps / same_batch_tokens_per_s, 3)}
 
 
 def run_load(base_url: str, model: str, prompts: Sequence[str], max_tokens: int,
@@ -158,8 +161,10 @@ def run_load(base_url: str, model: str, prompts: Sequence[str], max_tokens: int,
     return LoadResult(concurrency, len(latencies), seconds, tokens[0], latencies)
 
 
-def offline(checkpoint: str, prompts: Sequence[str], max_tokens: int) -> tuple[float, int, str]:
-    """(seconds, completion tokens, model name) for the prompts decoded in one batch here."""
+def offline(checkpoint: str, prompts: Sequence[str], max_tokens: int,
+            batch_sizes: Sequence[int], repeats: int = 3) -> tuple[dict[int, float], str]:
+    """Offline tokens/s (best of ``repeats``) for the prompts decoded here in batches of each
+    size, and the model's served name."""
     from megatron_srp.inference.generation import decode
     from megatron_srp.inference.sample import GenerationConfig, load_for_inference
     from megatron_srp.serving.server import model_name
@@ -168,10 +173,17 @@ def offline(checkpoint: str, prompts: Sequence[str], max_tokens: int) -> tuple[f
     model, tokenizer, _ = load_for_inference(resolve_checkpoint(checkpoint))
     gen = GenerationConfig(max_new_tokens=max_tokens, temperature=0)
     decode(model, tokenizer, list(prompts[:2]), gen)  # warm-up
-    started = time.perf_counter()
-    results = decode(model, tokenizer, list(prompts), gen)
-    seconds = time.perf_counter() - started
-    return seconds, sum(len(r.ids) for r in results), model_name(checkpoint)
+    rates = {}
+    for size in batch_sizes:
+        best = 0.0
+        for _ in range(repeats):
+            started, tokens = time.perf_counter(), 0
+            for i in range(0, len(prompts), size):
+                tokens += sum(len(r.ids) for r in decode(model, tokenizer,
+                                                         list(prompts[i:i + size]), gen))
+            best = max(best, tokens / (time.perf_counter() - started))
+        rates[size] = best
+    return rates, model_name(checkpoint)
 
 
 def bench_prompts(count: int, path: Optional[str] = None) -> list[str]:
@@ -192,28 +204,35 @@ def bench_serve(checkpoint: str, requests: int = 64, max_tokens: int = 32,
                 prompts_file: Optional[str] = None, threads: int = 2) -> dict[str, Any]:
     """The whole benchmark: offline once, then each concurrency against one server."""
     prompts = bench_prompts(requests, prompts_file)
-    off_s, off_tokens, name = offline(checkpoint, prompts, max_tokens)
-    offline_tps = off_tokens / off_s
+    sizes = sorted({len(prompts), *concurrency})
+    rates, name = offline(checkpoint, prompts, max_tokens, sizes)
+    offline_tps = rates[len(prompts)]
     rows = []
     with ServerProcess(checkpoint, ["--max-batch", str(max_batch)], threads=threads) as srv:
         run_load(srv.base_url, name, prompts[:4], max_tokens, 2)  # warm-up
         for c in concurrency:
-            rows.append(run_load(srv.base_url, name, prompts, max_tokens, c).row(offline_tps))
+            before = srv.health()
+            rows.append(run_load(srv.base_url, name, prompts, max_tokens, c).row(offline_tps,
+                                                                                 rates[c]))
+            after = srv.health()
+            rows[-1]["mean_batch"] = round((after["jobs"] - before["jobs"])
+                                           / max(1, after["batches"] - before["batches"]), 2)
         stats = srv.health()
     return {"checkpoint": checkpoint, "requests": requests, "max_tokens": max_tokens,
             "max_batch": max_batch, "threads": threads,
-            "offline": {"seconds": round(off_s, 3), "completion_tokens": off_tokens,
-                        "tokens_per_s": round(offline_tps, 1)},
+            "offline_tokens_per_s": {str(k): round(v, 1) for k, v in rates.items()},
             "served": rows, "server_stats": stats}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    off = result["offline"]
-    lines = [f"offline, one batch of {result['requests']}: {off['seconds']} s, "
-             f"{off['completion_tokens']} tokens, {off['tokens_per_s']} tokens/s", "",
-             "| concurrency | req/s | tokens/s | p50 ms | p99 ms | served/offline |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    off = result["offline_tokens_per_s"]
+    lines = ["offline tokens/s by batch size: " + ", ".join(f"{k}: {v}" for k, v in off.items()),
+             "", "| concurrency | req/s | tokens/s | p50 ms | p99 ms | mean batch | ÷ offline, "
+             f"one batch of {result['requests']} | ÷ offline, batches of the concurrency |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["served"]:
         lines.append(f"| {r['concurrency']} | {r['requests_per_s']} | {r['tokens_per_s']} | "
-                     f"{r['p50_ms']} | {r['p99_ms']} | {r['ratio_to_offline']:.2f} |")
+                     f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | "
+                     f"{r['ratio_to_offline']:.2f} | "
+                     f"{r['ratio_to_offline_same_batch']:.2f} |")
     return "\n".join(lines) + "\n"

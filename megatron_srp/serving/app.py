@@ -93,9 +93,12 @@ class Server:
         for p, prompt in enumerate(prompts):
             for c in range(req.n):
                 choice = Choice(self.tokenizer, prompt, len(choices), req.stops(), logprobs, emit)
-                streaming = isinstance(method, GenerationConfig)
+                # Followed token by token only when something needs it (streaming, stop
+                # strings, logprobs); otherwise the text is decoded once at the end.
+                follow = isinstance(method, GenerationConfig) and (
+                    emit is not None or req.stops() or logprobs is not None)
                 jobs.append(Job(prompt, method, seed=seed, choice=c,
-                                on_token=choice.on_token if streaming else None))
+                                on_token=choice.on_token if follow else None))
                 choices.append(choice)
         return choices, jobs
 

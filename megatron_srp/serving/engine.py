@@ -84,7 +84,8 @@ class Engine:
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._tag = tag_id(tokenizer)
-        self.stats = {"batches": 0, "jobs": 0, "rejected": 0, "largest_batch": 0}
+        self.stats: dict[str, Any] = {"batches": 0, "jobs": 0, "rejected": 0,
+                                      "largest_batch": 0, "batch_sizes": {}}
         self._seconds_per_batch = 1.0
         self._thread = threading.Thread(target=self._loop, name="srp-engine", daemon=True)
         self._thread.start()
@@ -121,11 +122,15 @@ class Engine:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            # Keep collecting while requests keep coming (each within batch_wait_s of the one
+            # before, at most 10 windows in all): clients answered together by the last batch
+            # come back within milliseconds of each other, and should form the next one.
             batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
+            limit = time.monotonic() + 10 * self.batch_wait_s
             while len(batch) < self.max_batch:
+                wait = min(self.batch_wait_s, limit - time.monotonic())
                 try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    batch.append(self._queue.get(timeout=max(0.0, wait)))
                 except queue.Empty:
                     break
             for group in self._groups(batch):
@@ -160,6 +165,8 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["jobs"] += len(live)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+        sizes = self.stats["batch_sizes"]  # how many batches of each size ran
+        sizes[str(len(live))] = sizes.get(str(len(live)), 0) + 1
         try:
             if isinstance(live[0].method, GenerationConfig):
                 results = self._sample(live)
