@@ -58,6 +58,43 @@ def test_greedy_answers_equal_offline_decoding_alone_and_batched(server):
     assert [c["text"] for c in listed["choices"]] == [r.text for r in offline]
 
 
+def test_requests_that_join_a_running_batch_answer_as_alone(tiny_long_context):
+    """The engine in this process: requests arrive one by one while a batch runs, join it at
+    its current position (left-padded, caches merged) and leave it when done; every greedy
+    answer equals offline decoding, and a seeded one its answer alone."""
+    import time
+
+    from megatron_srp.inference.generation import decode
+    from megatron_srp.inference.sample import GenerationConfig, load_for_inference, shutdown
+    from megatron_srp.serving.engine import Engine, Job
+
+    model, tokenizer, _ = load_for_inference(tiny_long_context)
+    engine = Engine(model, tokenizer, max_batch=4)
+    try:
+        prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS]
+        offline = decode(model, tokenizer, prompts, GenerationConfig(max_new_tokens=16,
+                                                                     temperature=0))
+        futures = []
+        for i, ids in enumerate(tokenizer.tokenize_batch(prompts)):
+            limit = 16 - i % 5  # answers of different lengths leave at different steps
+            futures += engine.submit([Job(ids, GenerationConfig(max_new_tokens=limit,
+                                                                temperature=0))])
+            time.sleep(0.002)
+        for f, want, i in zip(futures, offline, range(len(prompts))):
+            got = f.result(timeout=120)
+            assert got.ids == want.ids[:16 - i % 5], (i, got.text, want.text)
+        assert engine.stats["joined"] > 0 and engine.stats["largest_batch"] <= 4
+        sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=10)
+        ids = tokenizer.tokenize_batch(prompts)
+        crowd = [f.result(timeout=120) for f in engine.submit(
+            [Job(p, sampled, seed=i) for i, p in enumerate(ids)])]
+        alone = engine.submit([Job(ids[5], sampled, seed=5)])[0].result(timeout=120)
+        assert crowd[5].ids == alone.ids and crowd[4].ids != alone.ids
+    finally:
+        engine.shutdown()
+        shutdown()
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_company(server):
     one = _complete(server, "ROMEO:", max_tokens=10, temperature=1.0, seed=7, n=2)
     texts = [c["text"] for c in one["choices"]]
