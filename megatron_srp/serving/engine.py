@@ -19,6 +19,7 @@ import itertools
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from megatron_srp.inference.generation import decode_ids
@@ -45,12 +46,13 @@ class Engine:
                  max_queue: int = 256, batch_wait_s: float = 0.01) -> None:
         if max_batch < 1 or max_queue < 1 or batch_wait_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and batch_wait_s >= 0")
-        self.model = model
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.window = int(model.max_sequence_length)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._tag = tag_id(tokenizer)
         # batches: batches started; joined: requests that joined a running batch
@@ -69,9 +71,11 @@ class Engine:
             raise RuntimeError("the engine is shut down")
         q = self._queue
         with q.mutex:  # all choices of a request in, or none
-            if q.maxsize and len(q.queue) + len(jobs) > q.maxsize:
+            # waiting: in the queue, or taken by the engine thread but not yet decoding
+            waiting = len(q.queue) + len(self._pending)
+            if waiting + len(jobs) > self.max_queue:
                 self.stats["rejected"] += 1
-                raise QueueFull(self.retry_after_s(len(q.queue)))
+                raise QueueFull(self.retry_after_s(waiting))
             for job in jobs:
                 q.queue.append(job)
                 q.unfinished_tasks += 1
