@@ -72,8 +72,8 @@ class Server:
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", "model", code="model_not_found")
         window = self.engine.window
-        if max_tokens is None:
-            max_tokens = window - max(len(p) for p in prompts)
+        if max_tokens is None:  # chat without a limit: the rest of the context
+            max_tokens = max(1, window - max(len(p) for p in prompts))
         if isinstance(max_tokens, bool) or max_tokens < 1 or max_tokens >= window:
             raise APIError(400, f"max_tokens must be an integer in [1, {window - 1}] (this "
                                 f"model's context is {window} tokens), got {max_tokens}",
