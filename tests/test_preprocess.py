@@ -108,6 +108,7 @@ def test_shakespeare_round_trip(tmp_path: Path, shakespeare: Path, tok: SRPToken
         "documents_without_output": 0,
         "segments": 0,
         "unsafe_segments": 0,
+        "unparsed_labels": 0,
         "segments_placed": 0,
     }
     assert meta["variant"] == "raw" and meta["intervention"] == {"name": "raw"}
