@@ -28,22 +28,40 @@ from megatron_srp.inference.sample import (GenerationConfig, _decode_continuatio
                                            _next_tokens, _row_generator)
 from megatron_srp.tokenizer import SRPTokenizer
 
+#: ``observe(row, token, logits)``: sees each token a row keeps; True ends the row there.
+Observer = Callable[[int, int, torch.Tensor], bool]
+
+
 @torch.no_grad()
 def sample_ids(model, tokenizer: SRPTokenizer, prompt_ids: Sequence[Sequence[int]],
-               gen: GenerationConfig, stop_ids: Sequence[int] = ()
-               ) -> list[tuple[list[int], Optional[int]]]:
+               gen: GenerationConfig, stop_ids: Sequence[int] = (),
+               limits: Optional[Sequence[int]] = None,
+               generators: Optional[Sequence[torch.Generator]] = None,
+               observe: Optional[Observer] = None) -> list[tuple[list[int], Optional[int]]]:
     """Per prompt ``(new ids, the stop id that ended it or None)`` by greedy decoding or
     sampling with a KV cache. ``stop_ids`` end a row (besides the end-of-document token when
-    ``gen.stop_at_eod``) and are not part of its ids. Finished rows leave the batch."""
+    ``gen.stop_at_eod``) and are not part of its ids. Finished rows leave the batch.
+
+    For a server batching unrelated requests: ``limits`` gives each row its own number of new
+    tokens (at most ``gen.max_new_tokens``), ``generators`` each row's random stream (so a
+    request samples the same whatever shares its batch), and ``observe(row, token, logits)``
+    sees every token a row keeps, with the row's fp32 logits; it returns True to end that row
+    there (a stop string, a client gone)."""
     if not prompt_ids:
         return []
     contexts = prepare_prompts(tokenizer, prompt_ids, gen.max_new_tokens,
                                int(model.max_sequence_length))
     dev = _device_of(model)
     stops = set(stop_ids) | ({tokenizer.eod} if gen.stop_at_eod else set())
+    if limits is None:
+        limits = [gen.max_new_tokens] * len(contexts)
+    elif len(limits) != len(contexts) or any(not 1 <= n <= gen.max_new_tokens for n in limits):
+        raise ValueError(f"limits must give each of the {len(contexts)} rows a number of new "
+                         f"tokens in [1, {gen.max_new_tokens}]")
     tokens, padding = left_pad(contexts, tokenizer.pad, dev)
     cache = KVCache(model, tokenizer.vocab_size, tokens.size(1) + gen.max_new_tokens)
-    generators = [_row_generator(gen.seed, i, dev) for i in range(len(contexts))]
+    if generators is None:
+        generators = [_row_generator(gen.seed, i, dev) for i in range(len(contexts))]
     out: list[list[int]] = [[] for _ in contexts]
     stopped: list[Optional[int]] = [None] * len(contexts)
     rows = list(range(len(contexts)))  # prompt index of each cache row
@@ -58,8 +76,10 @@ def sample_ids(model, tokenizer: SRPTokenizer, prompt_ids: Sequence[Sequence[int
             for j, (r, tok) in enumerate(zip(rows, nxt)):
                 if tok in stops:
                     stopped[r] = tok
-                else:
-                    out[r].append(tok)
+                    continue
+                out[r].append(tok)
+                ended = observe is not None and observe(r, tok, logits[j])
+                if not ended and len(out[r]) < limits[r]:
                     keep.append(j)
             if step == gen.max_new_tokens - 1 or not keep:
                 break

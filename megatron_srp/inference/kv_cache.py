@@ -81,24 +81,6 @@ class KVCache:
         self.context.max_batch_size = int(rows.numel())
         self.padding = self.padding.index_select(0, rows)
 
-    @torch.inference_mode()
-    def merge(self, other: "KVCache") -> None:
-        """Append the rows of ``other`` (a cache of the same model, filled to the same length
-        and sized alike): requests that join a running batch are prefilled apart, left-padded
-        to the batch's length, then merged in."""
-        assert self.context is not None and self.padding is not None
-        assert other.context is not None and other.padding is not None
-        if other.length != self.length or other.max_length != self.max_length:
-            raise ValueError(f"cannot merge a cache at {other.length}/{other.max_length} "
-                             f"positions into one at {self.length}/{self.max_length}")
-        memory, theirs = self.context.key_value_memory_dict, other.context.key_value_memory_dict
-        for layer, (keys, values) in list(memory.items()):
-            other_keys, other_values = theirs[layer]
-            memory[layer] = (torch.cat([keys, other_keys], dim=1),
-                             torch.cat([values, other_values], dim=1))
-        self.context.max_batch_size = int(self.padding.size(0) + other.padding.size(0))
-        self.padding = torch.cat([self.padding, other.padding], dim=0)
-
     def _forward(self, tokens: torch.Tensor, all_logits: bool) -> torch.Tensor:
         assert self.context is not None and self.padding is not None
         b, n = tokens.shape
@@ -125,13 +107,10 @@ class KVCache:
         return logits if all_logits else logits[:, -1, :]
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device,
-             width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens, padding)`` [b, s]: each row right-aligned, padding True before it; ``s`` is
-    the longest row, or ``width`` when given (at least as long)."""
-    width = max(len(r) for r in rows) if width is None else width
-    if any(len(r) > width for r in rows):
-        raise ValueError(f"a row is longer than the width {width}")
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, padding)`` [b, s]: each row right-aligned, padding True before it."""
+    width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     padding = torch.ones((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
