@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A preset name plus optional overrides of its shape."""
+    """A preset name plus optional overrides of its shape (``preset: custom``: no preset, every
+    shape field given, as an imported Hugging Face model's config is; docs/import.md)."""
 
     preset: str = "tiny"
     num_layers: Optional[int] = None
@@ -41,6 +42,10 @@ class ModelConfig:
     rotary_base: Optional[float] = None
     tie_embeddings: Optional[bool] = None
     init_method_std: Optional[float] = None
+    norm_epsilon: Optional[float] = None
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x RoPE scaling; None: off
+    vocab_size: Optional[int] = None  # reference only: a run uses its tokenizer's size
+    max_position_embeddings: Optional[int] = None  # reference only: see train.seq_length
     # "auto": Transformer Engine on a GPU when importable, else local modules + torch SDPA.
     layer_spec: str = "auto"
     recompute: str = "none"  # none | selective | full
@@ -48,7 +53,8 @@ class ModelConfig:
     def shape(self) -> ModelShape:
         overrides = {k: getattr(self, k) for k in (
             "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "rotary_base", "tie_embeddings", "init_method_std")}
+            "num_query_groups", "rotary_base", "tie_embeddings", "init_method_std",
+            "norm_epsilon", "rope_scaling_factor", "vocab_size", "max_position_embeddings")}
         return resolve_shape(self.preset, **overrides)
 
 

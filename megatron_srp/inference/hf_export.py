@@ -70,7 +70,10 @@ def llama_state_dict(state: dict[str, Any], shape: ModelShape, vocab_size: int
 
 def llama_config(shape: ModelShape, tokenizer: Any, max_positions: int, dtype: str
                  ) -> dict[str, Any]:
-    return {
+    scaling = {} if shape.rope_scaling_factor is None else {"rope_scaling": {
+        "rope_type": "llama3", "factor": shape.rope_scaling_factor, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    return {**scaling,
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": tokenizer.vocab_size, "hidden_size": shape.hidden_size,
         "intermediate_size": shape.ffn_hidden_size, "num_hidden_layers": shape.num_layers,

@@ -1,0 +1,218 @@
+"""Hugging Face import: Llama models built here from a ``transformers`` config (random
+weights, every norm and matrix drawn, nothing downloaded) imported with tools/import_hf.py give
+transformers' logits at TP=1, TP=2 and PP=2, tied and untied, with grouped-query attention and
+Llama 3 RoPE scaling; the special tokens the tokenizer lacked get rows at the mean embedding;
+export(import(hf)) gives back hf's tensors; and each bad input is a named error that writes
+nothing."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_srp.tokenizer import TOKENIZER_FILE, default_tokenizer_dir
+from megatron_srp.training.launch import REPO_ROOT
+
+CHILD = str(REPO_ROOT / "tests" / "_hf_import_child.py")
+SHIPPED_VOCAB = 8192  # the shipped tokenizer, special tokens included
+BASE_VOCAB = 8187  # the same without the project's five special tokens
+
+
+def _plain_tokenizer(dst: Path) -> None:
+    """The shipped tokenizer without the project's special tokens, as an HF model's would be;
+    the import adds them back at the same ids (so shipped datasets fit the imported model)."""
+    data = json.loads((default_tokenizer_dir() / TOKENIZER_FILE).read_text())
+    data["added_tokens"] = []
+    (dst / TOKENIZER_FILE).write_text(json.dumps(data))
+
+
+def _hf_model(dst: Path, *, vocab: int, tied: bool, kv_heads: int, seed: int,
+              rope_scaling: dict | None = None, shard: bool = False, max_pos: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_pos, rope_theta=50000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=tied, rope_scaling=rope_scaling)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # every weight random, norms too, so any misplaced tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(dst, max_shard_size="200KB" if shard else "5GB")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """tied: GQA 4 heads / 2 KV heads, sharded safetensors, a tokenizer that already has the
+    special tokens. untied: 4 heads / 1 KV head, Llama 3 RoPE scaling, a tokenizer without
+    them (the import adds five ids)."""
+    root = tmp_path_factory.mktemp("hf")
+    tied = _hf_model(root / "tied", vocab=SHIPPED_VOCAB, tied=True, kv_heads=2, seed=1,
+                     shard=True)
+    shutil.copy(default_tokenizer_dir() / TOKENIZER_FILE, tied / TOKENIZER_FILE)
+    untied = _hf_model(root / "untied", vocab=BASE_VOCAB, tied=False, kv_heads=1, seed=2,
+                       max_pos=16384,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192})
+    _plain_tokenizer(untied)
+    return {"tied": tied, "untied": untied, "root": root}
+
+
+def _child(command: str, spec, out: Path, nproc: int = 1) -> object:
+    spec_file = out.with_suffix(".spec.json")
+    spec_file.write_text(json.dumps(spec))
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, CHILD, command, str(spec_file), str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def imported(hf_models):
+    """Both models imported (TP=1) and measured: logits, added rows, export round trip."""
+    root = hf_models["root"]
+    cases = [{"hf": str(hf_models["tied"]), "run": str(root / "run-tied"),
+              "hf_vocab": SHIPPED_VOCAB, "export": str(root / "export-tied")},
+             {"hf": str(hf_models["untied"]), "run": str(root / "run-untied"),
+              "hf_vocab": BASE_VOCAB, "export": str(root / "export-untied")}]
+    tied, untied = _child("tp1", cases, root / "tp1.json")
+    return {"tied": tied, "untied": untied}
+
+
+@pytest.mark.parametrize("case", ["tied", "untied"])
+def test_imported_model_gives_transformers_logits(imported, case):
+    got = imported[case]
+    assert got["rc"] == 0
+    assert got["scale"] > 1.0, got  # logits large enough for the bound to mean something
+    assert got["max_diff_old_ids"] <= 1e-4, got
+    assert got["argmax_equal"]
+
+
+def test_config_is_derived_from_config_json(imported):
+    tied, untied = imported["tied"]["config_model"], imported["untied"]["config_model"]
+    assert tied["preset"] == "custom" and tied["tie_embeddings"] is True
+    assert (tied["num_attention_heads"], tied["num_query_groups"]) == (4, 2)
+    assert (untied["num_query_groups"], untied["tie_embeddings"]) == (1, False)
+    assert untied["rope_scaling_factor"] == 8.0 and tied["rope_scaling_factor"] is None
+    assert tied["rotary_base"] == 50000.0 and tied["norm_epsilon"] == 1e-5
+    assert tied["ffn_hidden_size"] == 160 and tied["max_position_embeddings"] == 256
+    assert imported["tied"]["seq_length"] == 256
+
+
+def test_special_tokens_are_added_with_rows_at_the_mean(imported):
+    tied, untied = imported["tied"], imported["untied"]
+    assert tied["new_ids"] == [] and tied["vocab_size"] == SHIPPED_VOCAB
+    assert untied["new_ids"] == list(range(BASE_VOCAB, SHIPPED_VOCAB))
+    assert untied["special_ids"] == tied["special_ids"]
+    # the same ids as the shipped tokenizer: datasets preprocessed with it fit both models
+    assert untied["fingerprint"] == tied["fingerprint"]
+    assert untied["new_rows_minus_mean"] < 1e-6 and untied["old_rows_equal"]
+    reflect = untied["special_ids"]["<|reflect|>"]
+    assert reflect in untied["text_ids_with_specials"]  # the marker is one token
+
+
+def test_export_of_the_import_has_the_original_tensors(imported):
+    tied, untied = imported["tied"], imported["untied"]
+    assert tied["export_keys_equal"] and tied["export_max_diff"] == 0.0
+    assert untied["export_keys_equal"] and untied["export_max_diff"] == 0.0
+    # the untied export also carries the five added rows
+    assert untied["export_shapes"]["lm_head.weight"] == [SHIPPED_VOCAB, 64]
+
+
+@pytest.mark.parametrize("case", ["tied", "untied"])
+def test_export_and_reimport_keep_the_checkpoints_logits(imported, case):
+    """transformers reads the export of an import (RoPE scaling included) with the
+    checkpoint's logits, and importing that export again gives them back."""
+    got = imported[case]
+    assert got["export_logits_diff"] <= 1e-4, got
+    assert got["reimport_rc"] == 0 and got["reimport_same_tokenizer"]
+    assert got["reimport_logits_diff"] <= 1e-5, got
+
+
+def test_imported_model_gives_transformers_logits_at_tp2_and_pp2(hf_models, imported):
+    root = hf_models["root"]
+    got = _child("layouts", {"hf": str(hf_models["tied"]), "run": str(root / "run-tied"),
+                             "hf_vocab": SHIPPED_VOCAB}, root / "layouts.json", nproc=2)
+    assert set(got) == {"tp2_pp1", "tp1_pp2"}, got
+    for layout, measured in got.items():
+        assert measured["scale"] > 1.0 and measured["max_diff"] <= 1e-4, (layout, measured)
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def _import(hf: Path, out: Path) -> int:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("import_hf", REPO_ROOT / "tools" /
+                                                  "import_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--hf", str(hf), "--out", str(out)])
+
+
+def _refused(hf: Path, tmp_path: Path, capsys, *needles: str) -> None:
+    out = tmp_path / "out"
+    assert _import(hf, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_gpt2_config_is_refused_naming_the_supported_families(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    hf = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(hf)
+    _refused(hf, tmp_path, capsys, "config.json", "model_type 'gpt2'", "'llama'",
+             "supported families")
+
+
+def test_a_missing_weight_is_refused(hf_models, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    hf = _copy(hf_models["untied"], tmp_path / "hf")
+    tensors = load_file(str(hf / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    _refused(hf, tmp_path, capsys, "missing weight", "model.layers.1.mlp.up_proj.weight")
+
+
+def test_a_shape_mismatch_is_refused(hf_models, tmp_path, capsys):
+    hf = _copy(hf_models["untied"], tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["intermediate_size"] = 192
+    (hf / "config.json").write_text(json.dumps(config))
+    _refused(hf, tmp_path, capsys, "model.layers.0.mlp.gate_proj.weight", "[160, 64]",
+             "[192, 64]")
+
+
+def test_a_missing_shard_and_a_foreign_tokenizer_are_refused(hf_models, tmp_path, capsys):
+    hf = _copy(hf_models["tied"], tmp_path / "hf")
+    shard = sorted(hf.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    _refused(hf, tmp_path, capsys, shard.name, "does not exist")
+    hf2 = _copy(hf_models["untied"], tmp_path / "hf2")  # 8187 rows
+    shutil.copy(default_tokenizer_dir() / TOKENIZER_FILE, hf2 / TOKENIZER_FILE)  # 8192 ids
+    _refused(hf2, tmp_path, capsys, "tokenizer.json has 8192 ids", "vocab_size is 8187")
