@@ -132,6 +132,10 @@ class CheckpointConfig:
     save: Optional[str] = None
     save_interval: int = 0  # 0: only at the end
     load: Optional[str] = None  # default: resume from `save` when it holds a checkpoint
+    # Continued pretraining: start from these weights (a run directory or iter_N, e.g. an
+    # import) with a fresh optimizer and an LR schedule that warms up again; the model shape is
+    # inherited from it. A run that already saved resumes its own checkpoints instead.
+    pretrained: Optional[str] = None
     keep_last: int = 2
     # fully_reshardable: loads into any TP/PP/DP layout (gathers optimizer state on DP rank 0).
     # dp_reshardable: faster, fully parallel save; only the DP size may change on resume.

@@ -222,3 +222,9 @@ def _check_checkpoint(cfg: ExperimentConfig, check_files: bool) -> None:
             "checkpoint.optimizer_format")
     if ckpt.load is not None and check_files:
         _require(os.path.isdir(ckpt.load), "checkpoint.load", f"{ckpt.load} is not a directory")
+    _require(ckpt.load is None or ckpt.pretrained is None, "checkpoint.pretrained",
+             "set checkpoint.load (resume a run with its optimizer) or checkpoint.pretrained "
+             "(start from weights), not both")
+    if ckpt.pretrained is not None and check_files:
+        _require(os.path.isdir(ckpt.pretrained), "checkpoint.pretrained",
+                 f"{ckpt.pretrained} is not a directory")

@@ -181,13 +181,42 @@ def layouts(spec: dict) -> dict:
     return {k: v for part in everything for k, v in part.items()}
 
 
+def reflection_loss(spec: dict) -> dict:
+    """Mean loss on the reflection tokens (opener to closer) of the first documents of an
+    ``srp`` dataset, for each run directory: what continued pretraining should teach."""
+    import torch.nn.functional as F
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_srp.inference.sample import _logits, load_for_inference, shutdown
+
+    docs = IndexedDataset(spec["dataset"])
+    out = {}
+    for run in spec["runs"]:
+        model, tok, _ = load_for_inference(run)
+        total, count = 0.0, 0
+        for i in range(spec["documents"]):
+            ids = [int(t) for t in docs[i]][:128]
+            inside, targets = False, []
+            for pos, t in enumerate(ids):
+                inside = inside or t == tok.reflect_open_id
+                if inside and pos > 0:
+                    targets.append(pos)
+                inside = inside and t != tok.reflect_close_id
+            if not targets:
+                continue
+            logits = _logits(model, torch.tensor([ids[:-1]]), tok.vocab_size)[0]
+            nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+            total += float(nll[[p - 1 for p in targets]].sum())
+            count += len(targets)
+        out[run] = {"loss": total / count, "tokens": count}
+        shutdown()
+    return out
+
+
 def main() -> None:
     command, spec_file, out_file = sys.argv[1:4]
     spec = json.loads(Path(spec_file).read_text())
-    if command == "tp1":
-        result = tp1(spec)
-    else:
-        result = layouts(spec)
+    result = {"tp1": tp1, "layouts": layouts, "reflection_loss": reflection_loss}[command](spec)
     import os
     if os.environ.get("RANK", "0") == "0":
         Path(out_file).write_text(json.dumps(result))

@@ -216,3 +216,110 @@ def test_a_missing_shard_and_a_foreign_tokenizer_are_refused(hf_models, tmp_path
     hf2 = _copy(hf_models["untied"], tmp_path / "hf2")  # 8187 rows
     shutil.copy(default_tokenizer_dir() / TOKENIZER_FILE, hf2 / TOKENIZER_FILE)  # 8192 ids
     _refused(hf2, tmp_path, capsys, "tokenizer.json has 8192 ids", "vocab_size is 8187")
+
+
+# ------------------------------------------------------------- continued pretraining
+
+CONTINUE = ["train.seq_length=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.train_iters=8", "train.warmup_iters=2", "train.lr=3e-3",
+            "train.eval_interval=0", "logging.log_interval=1", "logging.progress_bar=false",
+            "checkpoint.save_interval=4"]
+
+
+@pytest.fixture(scope="module")
+def srp_data(imported, hf_models, shared_data):
+    """ToxiGen statements preprocessed into ``srp`` with the imported model's tokenizer (a
+    reflection after each statement, from its label)."""
+    out = hf_models["root"] / "srp"
+    done = subprocess.run(
+        [sys.executable, "tools/preprocess_srp.py", "--input",
+         str(shared_data / "toxigen" / "toxigen_statements.jsonl"), "--output-dir", str(out),
+         "--variant", "srp=reflect:include_category=false", "--classifier", "oracle",
+         "--classifier-option", "category_key=none", "--tokenizer",
+         str(hf_models["root"] / "run-untied" / "tokenizer"), "--workers", "1", "--no-progress"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return str(out / "srp")
+
+
+@pytest.fixture(scope="module")
+def continued(hf_models, srp_data):
+    from megatron_srp.training.launch import run_pretrain
+
+    out = hf_models["root"] / "continued"
+    done = run_pretrain(1, [*CONTINUE, f"checkpoint.pretrained={hf_models['root'] / 'run-untied'}",
+                            f"data.paths=[{srp_data}]", f"checkpoint.save={out}"])
+    return out, done.stdout
+
+
+def test_continued_pretraining_learns_the_reflections(hf_models, srp_data, continued):
+    from megatron_srp.training.launch import records, train_losses
+
+    run, log = continued
+    assert "fresh optimizer and LR schedule" in log and "starting at step 0" in log
+    lrs = [r["lr"] for r in records(run, "train")]
+    assert lrs[0] == pytest.approx(3e-3 / 2) and lrs[1] == pytest.approx(3e-3)  # re-warmed
+    losses = train_losses(run)
+    assert losses[8] < losses[1] - 0.5, losses
+    got = _child("reflection_loss", {"runs": [str(hf_models["root"] / "run-untied"), str(run)],
+                                     "dataset": srp_data, "documents": 40},
+                 hf_models["root"] / "reflection.json")
+    before, after = got[str(hf_models["root"] / "run-untied")], got[str(run)]
+    assert before["tokens"] == after["tokens"] >= 80
+    assert after["loss"] < before["loss"] - 1.0, got  # 9.28 -> 7.19 nats when written
+
+
+def test_a_killed_continued_run_resumes_itself_not_the_import(hf_models, srp_data, continued,
+                                                              tmp_path):
+    """The state a kill after step 4 leaves (its checkpoint, tokenizer), restarted with the
+    same command: it resumes at step 4 and replays the uninterrupted run's losses exactly."""
+    from megatron_srp.training.launch import run_pretrain, train_losses
+
+    run, _ = continued
+    shutil.copytree(run / "iter_0000004", tmp_path / "iter_0000004")
+    shutil.copytree(run / "tokenizer", tmp_path / "tokenizer")
+    (tmp_path / "latest").write_text("iter_0000004\n")
+    done = run_pretrain(1, [*CONTINUE, f"checkpoint.pretrained={hf_models['root'] / 'run-untied'}",
+                            f"data.paths=[{srp_data}]", f"checkpoint.save={tmp_path}"])
+    assert "starting at step 4" in done.stdout and "resumed from" in done.stdout
+    expected, got = train_losses(run), train_losses(tmp_path)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == expected[step], step
+
+
+def test_a_dataset_of_another_tokenizer_is_refused_naming_both(hf_models, imported, tmp_path,
+                                                               shared_data, capsys):
+    import importlib.util
+
+    from megatron_srp.data.preprocess import preprocess
+    from megatron_srp.tokenizer import train_bpe_tokenizer
+
+    other = train_bpe_tokenizer([shared_data / "tinyshakespeare" / "input.txt"], 600,
+                                tmp_path / "other-tok")
+    preprocess([shared_data / "tinyshakespeare" / "input.txt"], tmp_path / "plays", other,
+               workers=1, progress=False)
+    spec = importlib.util.spec_from_file_location("pretrain_srp", REPO_ROOT / "tools" /
+                                                  "pretrain_srp.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    pretrained = hf_models["root"] / "run-untied"
+    rc = tool.main([*CONTINUE, f"checkpoint.pretrained={pretrained}",
+                    f"data.paths=[{tmp_path / 'plays'}]", f"checkpoint.save={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint.pretrained" in err, err
+    assert imported["untied"]["fingerprint"] in err and other.fingerprint in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_import_cannot_be_resumed_and_load_excludes_pretrained(hf_models, imported):
+    from megatron_srp.config import ConfigError, load_config
+    from megatron_srp.training import checkpoint as ckpt
+    from megatron_srp.validation import Platform, validate
+
+    run = hf_models["root"] / "run-untied"
+    with pytest.raises(ckpt.CheckpointError, match="weights only.*checkpoint.pretrained="):
+        ckpt.load(ckpt.resolve_checkpoint(run), None, None, None, None, 0)
+    cfg = load_config(overrides=[f"checkpoint.load={run}", f"checkpoint.pretrained={run}"])
+    with pytest.raises(ConfigError, match="checkpoint.pretrained.*not both"):
+        validate(cfg, 1, Platform(False, None, False), require_data=False)
