@@ -152,6 +152,69 @@ def test_imported_model_gives_transformers_logits_at_tp2_and_pp2(hf_models, impo
         assert measured["scale"] > 1.0 and measured["max_diff"] <= 1e-4, (layout, measured)
 
 
+# ------------------------------------------------------ the export, read by other tools
+
+CONVERSATIONS = [
+    [("user", "How do I bake bread?"), ("assistant", "Mix flour, water and yeast.")],
+    [("user", "Hi!"), ("assistant", "Hello. <|reflect|>Safe<|/reflect|>"),
+     ("user", "What is 2+2?\nAnswer briefly."), ("assistant", " 4")],
+]
+
+
+def test_chat_template_renders_the_finetuning_text(imported, hf_models):
+    """apply_chat_template on an export gives exactly the text finetune_srp.py trains on, and
+    with add_generation_prompt the prompt up to the first answer token, ids included.
+    (finetuning tokenizes each answer on its own, so a whole conversation tokenized at once
+    joins the space after "Assistant:" to the answer's first word: the text is the same.)"""
+    from transformers import AutoTokenizer
+
+    from megatron_srp.data.chat import encode_chat
+    from megatron_srp.tokenizer import SRPTokenizer
+
+    export = hf_models["root"] / "export-tied"
+    hf_tok = AutoTokenizer.from_pretrained(export)
+    ours = SRPTokenizer.from_dir(export)
+    for turns in CONVERSATIONS:
+        ids, mask = encode_chat(turns, ours)
+        messages = [{"role": r, "content": t} for r, t in turns]
+        text = hf_tok.apply_chat_template(messages, tokenize=False)
+        assert text == ours.detokenize(ids)
+        first_answer = mask.index(1)
+        prompt = hf_tok.apply_chat_template(messages[:1], tokenize=False,
+                                            add_generation_prompt=True)
+        assert prompt == ours.detokenize(ids[:first_answer])
+        assert prompt.endswith("\nAssistant: ")
+        assert list(hf_tok.apply_chat_template(messages[:1], tokenize=True, return_dict=False,
+                                               add_generation_prompt=True)) == ids[:first_answer]
+    with pytest.raises(Exception, match="only user and assistant"):
+        hf_tok.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+
+
+def test_batched_generation_equals_each_prompt_alone(imported, hf_models):
+    """Left padding: greedy generate of two prompts of different lengths in one batch gives
+    each prompt's tokens alone (float32); the decoding defaults are sample_srp.py's."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    export = hf_models["root"] / "export-tied"
+    tok = AutoTokenizer.from_pretrained(export)
+    model = LlamaForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    assert tok.padding_side == "left"
+    prompts = ["ROMEO: What light through yonder window breaks? It is the east,", "JULIET:"]
+    assert len(tok(prompts[0])["input_ids"]) > len(tok(prompts[1])["input_ids"]) + 5
+    greedy = {"do_sample": False, "max_new_tokens": 8, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        together = model.generate(**batch, **greedy)[:, batch["input_ids"].shape[1]:]
+        for i, prompt in enumerate(prompts):
+            one = tok([prompt], return_tensors="pt")
+            alone = model.generate(**one, **greedy)[0, one["input_ids"].shape[1]:]
+            assert together[i].tolist() == alone.tolist(), (prompt, together[i], alone)
+    defaults = GenerationConfig.from_pretrained(export)
+    assert (defaults.do_sample, defaults.top_k, defaults.temperature) == (True, 10, 1.0)
+    assert defaults.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids(
+        "<|endoftext|>")
+
+
 # ------------------------------------------------------------------------- bad input
 
 
