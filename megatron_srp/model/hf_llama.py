@@ -252,24 +252,29 @@ def megatron_layer(hf: HFLlama, i: int, get: Callable[[str], torch.Tensor]
     }
 
 
-def grown_rows(table: torch.Tensor, rows: int, new_ids: list[int], how: str, std: float,
-               seed: int) -> torch.Tensor:
-    """``table`` ([old_rows, h]) as a ``rows``-row table: rows of ``new_ids`` set by ``how``
-    (``mean``: the mean of the rows that are not new; ``normal``: N(0, std), seeded), rows past
-    the old table zero unless new."""
-    out = torch.zeros(rows, table.shape[1], dtype=torch.float32)
-    keep = min(rows, table.shape[0])
-    out[:keep] = table[:keep].float()
+@torch.no_grad()
+def fill_rows(target: torch.Tensor, table: torch.Tensor, new_ids: list[int], how: str,
+              std: float, seed: int, chunk: int = 4096) -> None:
+    """Copy ``table`` ([old_rows, h]) into ``target`` ([rows, h]) in place: rows of ``new_ids``
+    set by ``how`` (``mean``: the mean of the rows that are not new; ``normal``: N(0, std),
+    seeded), rows past the old table zero unless new. The mean is summed in float32 chunks, so
+    no second copy of the table is made."""
+    keep = min(target.shape[0], table.shape[0])
+    target.zero_()
+    target[:keep].copy_(table[:keep])
     if not new_ids:
-        return out
-    old = torch.ones(keep, dtype=torch.bool)
-    old[[i for i in new_ids if i < keep]] = False
+        return
     if how == "mean":
-        fill = table[:keep][old].float().mean(dim=0, keepdim=True).expand(len(new_ids), -1)
+        total = torch.zeros(table.shape[1], dtype=torch.float64)
+        for start in range(0, keep, chunk):
+            total += table[start:min(start + chunk, keep)].double().sum(dim=0)
+        inside = [i for i in new_ids if i < keep]
+        for i in inside:
+            total -= table[i].double()
+        fill = (total / (keep - len(inside))).to(target.dtype).expand(len(new_ids), -1)
     elif how == "normal":
         gen = torch.Generator().manual_seed(seed)
-        fill = torch.randn(len(new_ids), table.shape[1], generator=gen) * std
+        fill = (torch.randn(len(new_ids), table.shape[1], generator=gen) * std).to(target.dtype)
     else:
         raise HFImportError(f"new_rows must be 'mean' or 'normal', got {how!r}")
-    out[new_ids] = fill
-    return out
+    target[new_ids] = fill

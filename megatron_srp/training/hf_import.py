@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 
 from megatron_srp.config import ExperimentConfig, load_config, to_yaml
 from megatron_srp.model.hf_llama import (CONFIG_FILE, HFImportError, HFLlama, WeightIndex,
-                                         check_weights, grown_rows, megatron_layer,
+                                         check_weights, fill_rows, megatron_layer,
                                          read_hf_config)
 from megatron_srp.model.provider import build_model_chunks
 from megatron_srp.presets import padded_vocab_size
@@ -155,15 +155,16 @@ def _fill(model, hf: HFLlama, weights: WeightIndex, vocab_size: int, new_ids: li
         target.data.copy_(value.to(target.dtype))
         done += 1
 
-    embed = weights.get("model.embed_tokens.weight")
-    put(("embedding.word_embeddings.weight",),
-        grown_rows(embed, rows, new_ids, options.new_rows, options.init_std, options.seed))
-    del embed
+    tables = [("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
     if not hf.tie_embeddings:
-        head = weights.get("lm_head.weight")
-        put(("output_layer.weight",), grown_rows(head, rows, new_ids, options.new_rows,
-                                                 options.init_std, options.seed + 1))
-        del head
+        tables.append(("output_layer.weight", "lm_head.weight"))
+    for n, (name, hf_name) in enumerate(tables):
+        target = _target(state, name)
+        if target.shape[0] != rows:
+            raise HFImportError(f"{name}: Megatron has {target.shape[0]} rows, expected {rows}")
+        fill_rows(target.data, weights.get(hf_name), new_ids, options.new_rows,
+                  options.init_std, options.seed + n)
+        done += 1
     put(("decoder.final_layernorm.weight",), weights.get("model.norm.weight"))
     for i in range(hf.num_layers):
         prefix = f"decoder.layers.{i}."
