@@ -386,3 +386,42 @@ def test_an_import_cannot_be_resumed_and_load_excludes_pretrained(hf_models, imp
     cfg = load_config(overrides=[f"checkpoint.load={run}", f"checkpoint.pretrained={run}"])
     with pytest.raises(ConfigError, match="checkpoint.pretrained.*not both"):
         validate(cfg, 1, Platform(False, None, False), require_data=False)
+
+
+# ------------------------------------------------------------------- the recipes
+
+# SmolLM2-1.7B's published config.json (transformers 4 layout: rope_theta at the top level).
+SMOLLM2_1_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+                "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                "num_attention_heads": 32, "num_key_value_heads": 32,
+                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_scaling": None,
+                "rope_theta": 130000, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                "vocab_size": 49152, "bos_token_id": 0, "eos_token_id": 0}
+
+
+def test_continue_recipes_validate_with_the_imported_model(tmp_path):
+    """The SmolLM2-1.7B recipe, with the model its import would record, is valid on 8 H100s
+    and fits by the memory estimate; its config maps to the smollm2-1.7b preset's shape."""
+    from megatron_srp.config import load_config
+    from megatron_srp.model.hf_llama import read_hf_config
+    from megatron_srp.presets import get_preset
+    from megatron_srp.training.memory import estimate_memory, fits
+    from megatron_srp.validation import Platform, validate
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_1_7B))
+    model = read_hf_config(tmp_path).model_overrides()
+    recipe = REPO_ROOT / "examples" / "continue" / "smollm2_1.7b_srp.yaml"
+    cfg = load_config(recipe, inherited={"model": model})
+    assert cfg.checkpoint.pretrained == "runs/smollm2-1.7b-import"
+    validate(cfg, 8, Platform(True, (9, 0), True), check_files=False)
+    preset, shape = get_preset("smollm2-1.7b"), cfg.model.shape()
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "rotary_base", "tie_embeddings", "norm_epsilon"):
+        assert getattr(shape, key) == getattr(preset, key), key
+    assert fits(estimate_memory(cfg, 8, 49156), 80 * 2**30)
+    tiny = load_config(REPO_ROOT / "examples" / "continue" / "tiny_cpu.yaml",
+                       inherited={"model": {**model, "num_layers": 4, "hidden_size": 128,
+                                            "ffn_hidden_size": 384, "num_attention_heads": 4,
+                                            "num_query_groups": 2}})
+    validate(tiny, 2, Platform(False, None, False), check_files=False)
