@@ -141,7 +141,19 @@ def _forward_logits(model, tokens: torch.Tensor, vocab_size: int):
     return torch.cat(parts, dim=-1)[0, :, :vocab_size].float()
 
 
-def layouts(spec: dict) -> dict:
+def layouts(specs: list[dict]) -> dict:
+    """:func:`layout_logits` for each imported run, keyed ``<run>/tp<T>_pp<P>``."""
+    out = {}
+    for spec in specs:
+        out.update({f"{spec['run']}/{k}": v for k, v in layout_logits(spec).items()})
+    import torch.distributed as dist
+    from megatron_srp.training import parallel
+    if dist.is_initialized():
+        parallel.destroy()
+    return out
+
+
+def layout_logits(spec: dict) -> dict:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
@@ -177,7 +189,6 @@ def layouts(spec: dict) -> dict:
         mpu.destroy_model_parallel()
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, out)
-    parallel.destroy()
     return {k: v for part in everything for k, v in part.items()}
 
 

@@ -21,6 +21,7 @@ from megatron_srp.training.launch import REPO_ROOT
 CHILD = str(REPO_ROOT / "tests" / "_hf_import_child.py")
 SHIPPED_VOCAB = 8192  # the shipped tokenizer, special tokens included
 BASE_VOCAB = 8187  # the same without the project's five special tokens
+ODD_VOCAB = 1100  # a vocabulary whose padding differs between TP=1 and TP=2
 
 
 def _plain_tokenizer(dst: Path) -> None:
@@ -29,6 +30,17 @@ def _plain_tokenizer(dst: Path) -> None:
     data = json.loads((default_tokenizer_dir() / TOKENIZER_FILE).read_text())
     data["added_tokens"] = []
     (dst / TOKENIZER_FILE).write_text(json.dumps(data))
+
+
+def _word_tokenizer(dst: Path, size: int) -> None:
+    """A word-level tokenizer of ``size`` ids: with the five special tokens its vocabulary pads
+    to 1,152 rows at TP=1 but 1,280 at TP=2 (multiples of 128 x TP)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(dst / TOKENIZER_FILE))
 
 
 def _hf_model(dst: Path, *, vocab: int, tied: bool, kv_heads: int, seed: int,
@@ -55,7 +67,7 @@ def _hf_model(dst: Path, *, vocab: int, tied: bool, kv_heads: int, seed: int,
 def hf_models(tmp_path_factory):
     """tied: GQA 4 heads / 2 KV heads, sharded safetensors, a tokenizer that already has the
     special tokens. untied: 4 heads / 1 KV head, Llama 3 RoPE scaling, a tokenizer without
-    them (the import adds five ids)."""
+    them (the import adds five ids). odd: tied, a word-level vocabulary of 1,100 ids."""
     root = tmp_path_factory.mktemp("hf")
     tied = _hf_model(root / "tied", vocab=SHIPPED_VOCAB, tied=True, kv_heads=2, seed=1,
                      shard=True)
@@ -66,7 +78,9 @@ def hf_models(tmp_path_factory):
                                      "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 8192})
     _plain_tokenizer(untied)
-    return {"tied": tied, "untied": untied, "root": root}
+    odd = _hf_model(root / "odd", vocab=ODD_VOCAB, tied=True, kv_heads=2, seed=3)
+    _word_tokenizer(odd, ODD_VOCAB)
+    return {"tied": tied, "untied": untied, "odd": odd, "root": root}
 
 
 def _child(command: str, spec, out: Path, nproc: int = 1) -> object:
@@ -88,12 +102,13 @@ def imported(hf_models):
     cases = [{"hf": str(hf_models["tied"]), "run": str(root / "run-tied"),
               "hf_vocab": SHIPPED_VOCAB, "export": str(root / "export-tied")},
              {"hf": str(hf_models["untied"]), "run": str(root / "run-untied"),
-              "hf_vocab": BASE_VOCAB, "export": str(root / "export-untied")}]
-    tied, untied = _child("tp1", cases, root / "tp1.json")
-    return {"tied": tied, "untied": untied}
+              "hf_vocab": BASE_VOCAB, "export": str(root / "export-untied")},
+             {"hf": str(hf_models["odd"]), "run": str(root / "run-odd"), "hf_vocab": ODD_VOCAB}]
+    tied, untied, odd = _child("tp1", cases, root / "tp1.json")
+    return {"tied": tied, "untied": untied, "odd": odd}
 
 
-@pytest.mark.parametrize("case", ["tied", "untied"])
+@pytest.mark.parametrize("case", ["tied", "untied", "odd"])
 def test_imported_model_gives_transformers_logits(imported, case):
     got = imported[case]
     assert got["rc"] == 0
@@ -144,12 +159,17 @@ def test_export_and_reimport_keep_the_checkpoints_logits(imported, case):
 
 
 def test_imported_model_gives_transformers_logits_at_tp2_and_pp2(hf_models, imported):
+    """The tied model, and the odd vocabulary whose TP=2 padding differs from the saved one."""
     root = hf_models["root"]
-    got = _child("layouts", {"hf": str(hf_models["tied"]), "run": str(root / "run-tied"),
-                             "hf_vocab": SHIPPED_VOCAB}, root / "layouts.json", nproc=2)
-    assert set(got) == {"tp2_pp1", "tp1_pp2"}, got
+    specs = [{"hf": str(hf_models["tied"]), "run": str(root / "run-tied"),
+              "hf_vocab": SHIPPED_VOCAB},
+             {"hf": str(hf_models["odd"]), "run": str(root / "run-odd"), "hf_vocab": ODD_VOCAB}]
+    got = _child("layouts", specs, root / "layouts.json", nproc=2)
+    assert set(got) == {f"{s['run']}/{layout}" for s in specs
+                        for layout in ("tp2_pp1", "tp1_pp2")}, got
     for layout, measured in got.items():
         assert measured["scale"] > 1.0 and measured["max_diff"] <= 1e-4, (layout, measured)
+    assert imported["odd"]["vocab_size"] == ODD_VOCAB + 5
 
 
 # ------------------------------------------------------ the export, read by other tools
@@ -332,6 +352,7 @@ def test_continued_pretraining_learns_the_reflections(hf_models, srp_data, conti
     assert after["loss"] < before["loss"] - 1.0, got  # 9.28 -> 7.19 nats when written
 
 
+@pytest.mark.slow  # one more training run (about 15 s here)
 def test_a_killed_continued_run_resumes_itself_not_the_import(hf_models, srp_data, continued,
                                                               tmp_path):
     """The state a kill after step 4 leaves (its checkpoint, tokenizer), restarted with the
