@@ -103,12 +103,11 @@ def load_tokenizer(hf: HFLlama) -> tuple[SRPTokenizer, list[int]]:
 def import_config(hf: HFLlama, dtype: str, options: ImportOptions) -> ExperimentConfig:
     """The run config an import records: the model from config.json, one process."""
     model = {k: v for k, v in hf.model_overrides().items() if v is not None}
-    items = [f"model.{k}={v}" for k, v in model.items()]
-    return load_config(overrides=[
-        f"name=import-{hf.path.resolve().name}", *items, "model.layer_spec=local",
-        f"model.init_method_std={options.init_std}",
-        f"train.seq_length={options.seq_length or hf.max_position_embeddings}",
-        f"train.precision={DTYPES[dtype]}", f"train.seed={options.seed}"])
+    return load_config(inherited={
+        "name": f"import-{hf.path.resolve().name}",
+        "model": {**model, "layer_spec": "local", "init_method_std": options.init_std},
+        "train": {"seq_length": options.seq_length or hf.max_position_embeddings,
+                  "precision": DTYPES[dtype], "seed": options.seed}})
 
 
 @contextlib.contextmanager
@@ -120,6 +119,9 @@ def _one_process(cfg: ExperimentConfig):
             raise RuntimeError("the import needs Megatron's parallel state at TP=1, PP=1")
         yield
         return
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("run the import as one process (python tools/import_hf.py), not "
+                           "under torchrun")
     owns = not dist.is_initialized()
     parallel.initialize(cfg)
     try:
