@@ -5,6 +5,8 @@ groups stay out of the test process).
         for each case: import with tools/import_hf.py, load the run as sample_srp.py does,
         compare its logits with transformers', check the added rows, export it again and
         compare the exported tensors with the original ones
+    python tests/_hf_import_child.py roundtrip SPEC.json OUT.json
+        export a trained run (float32), import the export, compare the logits
     torchrun --nproc_per_node=2 tests/_hf_import_child.py layouts SPEC.json OUT.json
         load one imported run at TP=2 and at PP=2 and compare the logits of a forward pass
         through Megatron's pipeline schedule with transformers'
@@ -224,10 +226,32 @@ def reflection_loss(spec: dict) -> dict:
     return out
 
 
+def roundtrip(spec: dict) -> dict:
+    """A checkpoint trained here -> export (float32) -> import: the checkpoint's logits."""
+    from megatron_srp.inference.hf_export import export_hf
+    from megatron_srp.inference.sample import _logits, load_for_inference, shutdown
+
+    model, tok, _ = load_for_inference(spec["run"])
+    ids = tok.tokenize(TEXT)
+    with torch.no_grad():
+        before = _logits(model, torch.tensor([ids]), tok.vocab_size)[0]
+    shutdown()
+    export_hf(spec["run"], spec["export"], dtype="float32")
+    shutdown()
+    rc = _tool("import_hf").main(["--hf", spec["export"], "--out", spec["again"]])
+    model, tok2, _ = load_for_inference(spec["again"])
+    with torch.no_grad():
+        after = _logits(model, torch.tensor([ids]), tok2.vocab_size)[0]
+    shutdown()
+    return {"rc": rc, "same_tokenizer": tok.fingerprint == tok2.fingerprint,
+            "max_diff": (after - before).abs().max().item(), "scale": before.abs().max().item()}
+
+
 def main() -> None:
     command, spec_file, out_file = sys.argv[1:4]
     spec = json.loads(Path(spec_file).read_text())
-    result = {"tp1": tp1, "layouts": layouts, "reflection_loss": reflection_loss}[command](spec)
+    result = {"tp1": tp1, "layouts": layouts, "reflection_loss": reflection_loss,
+              "roundtrip": roundtrip}[command](spec)
     import os
     if os.environ.get("RANK", "0") == "0":
         Path(out_file).write_text(json.dumps(result))

@@ -372,6 +372,37 @@ def test_a_killed_continued_run_resumes_itself_not_the_import(hf_models, srp_dat
         assert got[step] == expected[step], step
 
 
+@pytest.mark.slow
+def test_a_trained_checkpoint_survives_export_then_import(hf_models, continued):
+    """import(export(checkpoint)) of the continued run (trained here, fp32): its logits."""
+    root = hf_models["root"]
+    got = _child("roundtrip", {"run": str(continued[0]), "export": str(root / "export-cont"),
+                               "again": str(root / "cont-again")}, root / "roundtrip.json")
+    assert got["rc"] == 0 and got["same_tokenizer"]
+    assert got["scale"] > 1.0 and got["max_diff"] <= 1e-5, got
+
+
+@pytest.mark.slow
+def test_finetuning_starts_from_an_import_at_tp2(hf_models, imported, shared_data, tmp_path):
+    """finetune_srp.py takes an import as finetune.pretrained and trains it at TP=2."""
+    from megatron_srp.training.launch import FINETUNE, run_pretrain, train_losses
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {n}.", "response": " ".join(
+        str(i) for i in range(1, n + 1))}) + "\n" for n in range(2, 34)))
+    out = tmp_path / "tuned"
+    run_pretrain(2, ["--config", "examples/finetune/instruct.yaml",
+                     f"finetune.pretrained={hf_models['root'] / 'run-tied'}",
+                     f"finetune.data=[{data}]", f"checkpoint.save={out}", "finetune.epochs=4",
+                     "train.lr=3e-3", "train.micro_batch_size=2", "train.global_batch_size=4",
+                     "train.seq_length=64", "parallel.tensor_model_parallel_size=2",
+                     "checkpoint.save_interval=0", "logging.log_interval=1",
+                     "logging.progress_bar=false"], script=FINETUNE)
+    losses = train_losses(out)
+    assert len(losses) == 32 and losses[32] < losses[1] - 1.0, losses
+    assert (out / "latest").read_text().strip() == "iter_0000032"
+
+
 def test_a_dataset_of_another_tokenizer_is_refused_naming_both(hf_models, imported, tmp_path,
                                                                shared_data, capsys):
     import importlib.util
