@@ -166,7 +166,6 @@ class WeightIndex:
             except (json.JSONDecodeError, KeyError, AttributeError) as exc:
                 raise HFImportError(f"{index}: no readable 'weight_map' ({exc})") from exc
         elif single.is_file():
-            self.files = {}
             with safe_open(str(single), "pt") as f:
                 self.files = {k: single for k in f.keys()}
         else:
