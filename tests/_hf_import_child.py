@@ -8,13 +8,14 @@ groups stay out of the test process).
     python tests/_hf_import_child.py roundtrip SPEC.json OUT.json
         export a trained run (float32), import the export, compare the logits
     torchrun --nproc_per_node=2 tests/_hf_import_child.py layouts SPEC.json OUT.json
-        load one imported run at TP=2 and at PP=2 and compare the logits of a forward pass
+        load imported runs at TP=2 and at PP=2 and compare the logits of a forward pass
         through Megatron's pipeline schedule with transformers'
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -145,11 +146,13 @@ def _forward_logits(model, tokens: torch.Tensor, vocab_size: int):
 
 def layouts(specs: list[dict]) -> dict:
     """:func:`layout_logits` for each imported run, keyed ``<run>/tp<T>_pp<P>``."""
+    import torch.distributed as dist
+
+    from megatron_srp.training import parallel
+
     out = {}
     for spec in specs:
         out.update({f"{spec['run']}/{k}": v for k, v in layout_logits(spec).items()})
-    import torch.distributed as dist
-    from megatron_srp.training import parallel
     if dist.is_initialized():
         parallel.destroy()
     return out
@@ -252,7 +255,6 @@ def main() -> None:
     spec = json.loads(Path(spec_file).read_text())
     result = {"tp1": tp1, "layouts": layouts, "reflection_loss": reflection_loss,
               "roundtrip": roundtrip}[command](spec)
-    import os
     if os.environ.get("RANK", "0") == "0":
         Path(out_file).write_text(json.dumps(result))
 

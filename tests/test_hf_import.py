@@ -7,6 +7,7 @@ nothing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def _child(command: str, spec, out: Path, nproc: int = 1) -> object:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     proc = subprocess.run([*launcher, CHILD, command, str(spec_file), str(out)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return json.loads(out.read_text())
 
