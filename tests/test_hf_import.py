@@ -478,3 +478,22 @@ def test_continue_recipes_validate_with_the_imported_model(tmp_path):
                                             "ffn_hidden_size": 384, "num_attention_heads": 4,
                                             "num_query_groups": 2}})
     validate(tiny, 2, Platform(False, None, False), check_files=False)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"attention_bias": True}, "'attention_bias' is true"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
+     "rope_scaling.low_freq_factor"),
+    ({"head_dim": 128}, "head_dim 128"),
+    ({"rope_theta": 10000.5}, "not a whole number"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+])
+def test_configs_the_import_cannot_reproduce_are_refused(tmp_path, change, needle):
+    from megatron_srp.model.hf_llama import HFImportError, read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**SMOLLM2_1_7B, **change}))
+    with pytest.raises(HFImportError, match="config.json") as err:
+        read_hf_config(tmp_path)
+    assert needle in str(err.value)
