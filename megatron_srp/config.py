@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A preset name plus optional overrides of its shape."""
+    """A preset name plus optional overrides of its shape (``preset: custom``: no preset, every
+    shape field given, as an imported Hugging Face model's config is; docs/import.md)."""
 
     preset: str = "tiny"
     num_layers: Optional[int] = None
@@ -41,6 +42,10 @@ class ModelConfig:
     rotary_base: Optional[float] = None
     tie_embeddings: Optional[bool] = None
     init_method_std: Optional[float] = None
+    norm_epsilon: Optional[float] = None
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x RoPE scaling; None: off
+    vocab_size: Optional[int] = None  # reference only: a run uses its tokenizer's size
+    max_position_embeddings: Optional[int] = None  # reference only: see train.seq_length
     # "auto": Transformer Engine on a GPU when importable, else local modules + torch SDPA.
     layer_spec: str = "auto"
     recompute: str = "none"  # none | selective | full
@@ -48,7 +53,8 @@ class ModelConfig:
     def shape(self) -> ModelShape:
         overrides = {k: getattr(self, k) for k in (
             "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "rotary_base", "tie_embeddings", "init_method_std")}
+            "num_query_groups", "rotary_base", "tie_embeddings", "init_method_std",
+            "norm_epsilon", "rope_scaling_factor", "vocab_size", "max_position_embeddings")}
         return resolve_shape(self.preset, **overrides)
 
 
@@ -126,6 +132,10 @@ class CheckpointConfig:
     save: Optional[str] = None
     save_interval: int = 0  # 0: only at the end
     load: Optional[str] = None  # default: resume from `save` when it holds a checkpoint
+    # Continued pretraining: start from these weights (a run directory or iter_N, e.g. an
+    # import) with a fresh optimizer and an LR schedule that warms up again; the model shape is
+    # inherited from it. A run that already saved resumes its own checkpoints instead.
+    pretrained: Optional[str] = None
     keep_last: int = 2
     # fully_reshardable: loads into any TP/PP/DP layout (gathers optimizer state on DP rank 0).
     # dp_reshardable: faster, fully parallel save; only the DP size may change on resume.

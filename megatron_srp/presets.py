@@ -5,7 +5,8 @@ The SmolLM2 shapes follow the published HF configs; 7B and 70B follow Llama 2/3.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class ModelShape:
     tie_embeddings: bool = True
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    # Llama 3.x RoPE frequency scaling (low/high frequency factors 1 and 4, original context
+    # 8192: what Megatron-Core implements); None: plain RoPE.
+    rope_scaling_factor: Optional[float] = None
 
     @property
     def kv_channels(self) -> int:
@@ -66,12 +70,26 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     return ((vocab_size + step - 1) // step) * step
 
 
+# A shape given field by field (e.g. one derived from an imported Hugging Face config.json):
+# no preset fills in what the config leaves out.
+CUSTOM = "custom"
+
+
 def get_preset(name: str) -> ModelShape:
     if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}, {CUSTOM}")
     return PRESETS[name]
 
 
 def resolve_shape(preset: str, **overrides) -> ModelShape:
-    """The preset with any non-None overrides applied."""
-    return replace(get_preset(preset), **{k: v for k, v in overrides.items() if v is not None})
+    """The preset with any non-None overrides applied; for :data:`CUSTOM`, the overrides must
+    name every field without a default (a ValueError lists the missing ones)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if preset == CUSTOM:
+        required = [f.name for f in fields(ModelShape)
+                    if f.default is MISSING and f.name not in given]
+        if required:
+            raise ValueError(f"model.preset={CUSTOM} needs "
+                             + ", ".join(f"model.{name}" for name in required))
+        return ModelShape(**given)
+    return replace(get_preset(preset), **given)

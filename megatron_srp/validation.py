@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_srp.config import ConfigError, ExperimentConfig
-from megatron_srp.presets import PRESETS
+from megatron_srp.presets import CUSTOM, PRESETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise")
@@ -65,13 +65,19 @@ def validate(cfg: ExperimentConfig, world_size: int, platform: Platform,
              check_files: bool = True, require_data: bool = True) -> None:
     """Raise :class:`ConfigError` for the first rule the config breaks."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _require(m.preset in PRESETS, "model.preset",
-             f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
+    _require(m.preset in PRESETS or m.preset == CUSTOM, "model.preset",
+             f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}, {CUSTOM}")
     _one_of(m.recompute, RECOMPUTE, "model.recompute")
     _one_of(m.layer_spec, LAYER_SPECS, "model.layer_spec")
     _one_of(t.precision, PRECISIONS, "train.precision")
     _one_of(t.fp8_recipe, FP8_RECIPES, "train.fp8_recipe")
-    shape = m.shape()
+    try:
+        shape = m.shape()
+    except ValueError as exc:
+        raise ConfigError("model.preset", str(exc)) from exc
+    _require(shape.rope_scaling_factor is None or shape.rope_scaling_factor >= 1.0,
+             "model.rope_scaling_factor", f"must be >= 1 (or null: off), got "
+                                          f"{shape.rope_scaling_factor}")
     tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                    p.virtual_pipeline_model_parallel_size)
 
@@ -216,3 +222,9 @@ def _check_checkpoint(cfg: ExperimentConfig, check_files: bool) -> None:
             "checkpoint.optimizer_format")
     if ckpt.load is not None and check_files:
         _require(os.path.isdir(ckpt.load), "checkpoint.load", f"{ckpt.load} is not a directory")
+    _require(ckpt.load is None or ckpt.pretrained is None, "checkpoint.pretrained",
+             "set checkpoint.load (resume a run with its optimizer) or checkpoint.pretrained "
+             "(start from weights), not both")
+    if ckpt.pretrained is not None and check_files:
+        _require(os.path.isdir(ckpt.pretrained), "checkpoint.pretrained",
+                 f"{ckpt.pretrained} is not a directory")

@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from megatron_srp import cli
-from megatron_srp.config import load_config
 from megatron_srp.training.memory import GIB, format_table, plan_memory, report
+from megatron_srp.training.pretrained import load_pretrain_config
 
 
 @cli.tool_main
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
                         json_help="append the result as one JSON line to this file")
     args = cli.parse_args(parser, argv)
     capacity = int(args.gpu_memory_gib * GIB)
-    cfg = load_config(args.config, args.overrides)  # a ConfigError exits 2 (cli.tool_main)
+    # With checkpoint.pretrained (continued pretraining), the model is that checkpoint's.
+    cfg = load_pretrain_config(args.config, args.overrides)  # ConfigError: exit 2
     estimate = plan_memory(cfg, args.gpus, args.vocab_size)
     print(format_table(estimate, cfg, args.gpus, capacity))
     if args.json:

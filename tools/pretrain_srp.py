@@ -2,6 +2,10 @@
 
     torchrun --nproc_per_node=N tools/pretrain_srp.py --config FILE [key=value ...]
 
+With checkpoint.pretrained=DIR (a run or an imported model, docs/import.md) the run starts
+from DIR's weights and model shape with a fresh optimizer and LR schedule (continued
+pretraining); once it has saved, a restart resumes its own checkpoints.
+
 Without a terminal on stderr, or with --no-progress, there is no progress bar
 (logging.progress_bar=false); the console log lines stay.
 """
@@ -9,7 +13,7 @@ import argparse
 import sys
 
 from megatron_srp import cli
-from megatron_srp.config import load_config
+from megatron_srp.training.pretrained import load_pretrain_config
 from megatron_srp.training.trainer import pretrain
 
 
@@ -20,7 +24,7 @@ def main(argv=None) -> int:
     cli.add_common_args(parser, options=False, config_help="YAML file (see examples/)",
                         overrides_help="set a config key, e.g. train.train_iters=200")
     args = cli.parse_args(parser, argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_pretrain_config(args.config, args.overrides)
     if not cli.progress_wanted(args):
         cfg.logging.progress_bar = False
     pretrain(cfg)

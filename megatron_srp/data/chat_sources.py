@@ -88,9 +88,11 @@ SOURCES: dict[str, Callable[[Path], Iterator[dict]]] = {
 
 
 def write_chat_source(name: str, shared_data: str | Path, out: str | Path,
-                      limit: Optional[int] = None, seed: int = 0) -> int:
-    """Write source ``name`` as chat JSONL (a seeded sample of ``limit`` records when given);
-    returns the number of records. The file appears only when complete."""
+                      limit: Optional[int] = None, seed: int = 0,
+                      transform: Optional[Callable[[list[dict]], list[dict]]] = None) -> int:
+    """Write source ``name`` as chat JSONL (a seeded sample of ``limit`` records when given,
+    then ``transform``, e.g. :class:`~megatron_srp.data.chat_reflect.ChatReflection`); returns
+    the number of records. The file appears only when complete."""
     if name not in SOURCES:
         raise ValueError(f"unknown chat source {name!r}; choose from {', '.join(SOURCES)}")
     root = Path(shared_data)
@@ -100,6 +102,8 @@ def write_chat_source(name: str, shared_data: str | Path, out: str | Path,
     if limit is not None and limit < len(records):
         keep = sorted(random.Random(seed).sample(range(len(records)), limit))
         records = [records[i] for i in keep]
+    if transform is not None:
+        records = transform(records)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -25,10 +25,30 @@ from typing import Any
 
 import torch
 
+from megatron_srp.data.chat import ASSISTANT, USER
 from megatron_srp.presets import ModelShape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORT_FILE = "srp_export.json"
+# sample_srp.py's decoding defaults, written to generation_config.json so that `generate`
+# without arguments samples as the project's own sampler does.
+DECODING_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_k": 10, "top_p": 1.0,
+                     "max_new_tokens": 64}
+
+
+def chat_template() -> str:
+    """The Jinja chat template of the finetuning format (data/chat.py): ``apply_chat_template``
+    renders exactly the text finetune_srp.py trains on, ``add_generation_prompt`` ending it
+    where the answer starts. Roles other than user and assistant are refused."""
+    return ("{{ bos_token }}{% for message in messages %}"
+            "{% if message['role'] == 'user' %}{{ " + json.dumps(USER) + " + message['content'] }}"
+            "{% elif message['role'] == 'assistant' %}{{ " + json.dumps(ASSISTANT)
+            + " + message['content'] }}"
+            "{% else %}{{ raise_exception('the finetuning format has only user and assistant "
+            "messages, not ' + message['role']) }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ " + json.dumps(ASSISTANT) + " }}"
+            "{% elif messages and messages[-1]['role'] == 'assistant' %}{{ eos_token }}"
+            "{% endif %}")
 
 
 def _first(state: dict[str, torch.Tensor], *names: str) -> torch.Tensor:
@@ -70,7 +90,10 @@ def llama_state_dict(state: dict[str, Any], shape: ModelShape, vocab_size: int
 
 def llama_config(shape: ModelShape, tokenizer: Any, max_positions: int, dtype: str
                  ) -> dict[str, Any]:
-    return {
+    scaling = {} if shape.rope_scaling_factor is None else {"rope_scaling": {
+        "rope_type": "llama3", "factor": shape.rope_scaling_factor, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    return {**scaling,
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": tokenizer.vocab_size, "hidden_size": shape.hidden_size,
         "intermediate_size": shape.ffn_hidden_size, "num_hidden_layers": shape.num_layers,
@@ -85,7 +108,9 @@ def llama_config(shape: ModelShape, tokenizer: Any, max_positions: int, dtype: s
 
 
 def _write_tokenizer(tokenizer: Any, out: Path, max_positions: int) -> None:
-    """``tokenizer.json`` plus the config files ``AutoTokenizer`` reads."""
+    """``tokenizer.json`` plus the config files ``AutoTokenizer`` reads: the finetuning chat
+    template, and padding on the left, so that batched ``generate`` continues each prompt from
+    its own last token rather than after pad tokens."""
     tokenizer.save(out)  # tokenizer.json + srp_tokenizer.json
     eod = tokenizer.detokenize([tokenizer.eod])
     pad = tokenizer.detokenize([tokenizer.pad])
@@ -93,6 +118,7 @@ def _write_tokenizer(tokenizer: Any, out: Path, max_positions: int) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_positions,
         "bos_token": eod, "eos_token": eod, "pad_token": pad, "add_bos_token": False,
         "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "padding_side": "left", "chat_template": chat_template(),
         "additional_special_tokens": [t for t in tokenizer.special_tokens if t not in (eod, pad)],
     }, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(
@@ -149,7 +175,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             llama_config(shape, tokenizer, max_positions, dtype), indent=2) + "\n")
         (staging / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod,
-             "pad_token_id": tokenizer.pad}, indent=2) + "\n")
+             "pad_token_id": tokenizer.pad, **DECODING_DEFAULTS}, indent=2) + "\n")
         _write_tokenizer(tokenizer, staging, max_positions)
         (staging / EXPORT_FILE).write_text(json.dumps(
             {"checkpoint": str(source.resolve()), "preset": cfg.model.preset,

@@ -92,6 +92,8 @@ def build_model_chunks(cfg: ExperimentConfig, vocab_size: int, precision: str,
             share_embeddings_and_output_weights=shape.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=int(shape.rotary_base),
+            rope_scaling=shape.rope_scaling_factor is not None,
+            rope_scaling_factor=shape.rope_scaling_factor or 8.0,
             **kw,
         ))
     return chunks

@@ -197,6 +197,23 @@ def save(root: str, progress: Progress, model, optimizer, scheduler,
     return final
 
 
+def save_weights_only(root: str | os.PathLike, model, cfg: ExperimentConfig, vocab_size: int,
+                      run_facts: dict) -> Path:
+    """Write ``iter_0000000`` holding the model's weights and no optimizer state (an imported
+    model): runs start from it with ``checkpoint.pretrained``; resuming it is refused. One
+    process (TP=1, PP=1); committed the same way as :func:`save`."""
+    final = iteration_dir(root, 0)
+    partial = final.with_name(final.name + ".partial")
+    partial.mkdir(parents=True)
+    dist_checkpointing.save(_model_state(model, prefix_chunks=len(model) > 1), str(partial))
+    run = {"progress": asdict(Progress()), "model": _describe_model(cfg, vocab_size),
+           "weights_only": True, **run_facts, "config": to_dict(cfg)}
+    (partial / RUN_FILE).write_text(json.dumps(run, indent=2))
+    os.replace(partial, final)
+    (Path(root) / LATEST).write_text(final.name + "\n")
+    return final
+
+
 def _prune(root: Path, keep_last: int) -> None:
     done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in done[:-keep_last]:
@@ -237,6 +254,10 @@ def check_compatible(path: Path, cfg: ExperimentConfig, vocab_size: int) -> None
 
 def load(path: Path, model, optimizer, scheduler, cfg: ExperimentConfig,
          vocab_size: int) -> Progress:
+    if read_run(path).get("weights_only"):
+        raise CheckpointError(f"{path} holds weights only (an imported model), no optimizer "
+                              f"state to resume; start a run from it with "
+                              f"checkpoint.pretrained={path.parent}")
     check_compatible(path, cfg, vocab_size)
     state = _full_state(model, optimizer, scheduler, cfg, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path),

@@ -23,6 +23,7 @@ from megatron_srp.data.chat import ChatFormat, SFTDataset, read_chat_jsonl
 from megatron_srp.tokenizer import SRPTokenizer
 from megatron_srp.training import checkpoint as ckpt
 from megatron_srp.training import parallel
+from megatron_srp.training.pretrained import read_pretrained
 from megatron_srp.training.trainer import TrainResult, train_loop
 from megatron_srp.validation import Platform, resolved_precision, validate
 
@@ -45,14 +46,7 @@ def load_finetune_config(path: Optional[str], overrides: Sequence[str]) -> Exper
 
 
 def _read_pretrained(pretrained: str) -> dict:
-    try:
-        found = ckpt.resolve_checkpoint(pretrained)
-        run = ckpt.read_run(found)
-    except ckpt.CheckpointError as exc:
-        raise ConfigError("finetune.pretrained", str(exc)) from exc
-    if "config" not in run:
-        raise ConfigError("finetune.pretrained", f"{found / ckpt.RUN_FILE} has no 'config'")
-    return run
+    return read_pretrained(pretrained, "finetune.pretrained")[1]
 
 
 def pretrained_tokenizer(checkpoint: Path) -> SRPTokenizer:

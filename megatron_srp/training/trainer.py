@@ -29,6 +29,7 @@ from megatron_srp.training.metrics import Stopwatch, Throughput
 from megatron_srp.training.optim import (
     build_optimizer, connect_schedule_hooks, reload_main_params, wrap_ddp,
 )
+from megatron_srp.training.pretrained import pretrained_start
 from megatron_srp.training.step import TimedIterator, eval_step, train_step
 from megatron_srp.validation import Platform, resolved_precision, validate
 
@@ -105,13 +106,14 @@ def pretrain(cfg: ExperimentConfig, platform: Optional[Platform] = None) -> Trai
     validate(cfg, world_size, platform)  # before any process group, model or file
     precision = resolved_precision(cfg, platform)
     tokenizer = load_run_tokenizer(cfg)
+    init = pretrained_start(cfg, tokenizer)  # continued pretraining: its weights, checked
 
     parallel.initialize(cfg)
     try:
         if dist.get_rank() == 0:  # before the model exists: warn, never stop, if it cannot fit
             memory.warn_if_short(cfg, world_size, tokenizer.vocab_size, precision,
                                  compat.device_memory_bytes())
-        return train_loop(cfg, tokenizer, precision, platform, PretrainData)
+        return train_loop(cfg, tokenizer, precision, platform, PretrainData, init_weights=init)
     finally:
         ckpt.stop_writer_processes()
         parallel.destroy()
@@ -161,6 +163,10 @@ def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
              f"PP={cfg.parallel.pipeline_model_parallel_size} DP={dp}, "
              f"{plan.num_microbatches} microbatches/step, starting at step {progress.iteration}")
 
+    if resume_from is not None:
+        log.info(f"resumed from {resume_from}")
+    elif init_weights is not None:
+        log.info(f"weights from {init_weights}; fresh optimizer and LR schedule")
     monitor = data.monitor(progress.consumed_train_samples)
     log.info(data.describe(monitor))
 
