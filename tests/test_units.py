@@ -152,3 +152,21 @@ def test_in_ci_missing_shared_data_fails_the_run_and_outside_ci_the_skips_are_co
     local = pytest_in({k: v for k, v in env.items() if k != "CI"})
     assert local.returncode == 0, local.stdout
     assert "2 test(s) skipped: no shared data" in local.stdout
+
+
+def test_staged_directory_appears_whole_or_not_at_all(tmp_path) -> None:
+    from megatron_srp.units import staged_directory
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="halfway"):
+        with staged_directory(out) as staging:
+            (staging / "new.txt").write_text("new")
+            raise RuntimeError("halfway")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left behind
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    with staged_directory(out) as staging:
+        (staging / "new.txt").write_text("new")
+        assert not (out / "new.txt").exists()  # nothing shows before the block ends
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and out.stat().st_mode & 0o755 == 0o755

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 
 from megatron_srp.data.chat import ASSISTANT, USER
 from megatron_srp.presets import ModelShape
+from megatron_srp.units import staged_directory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORT_FILE = "srp_export.json"
@@ -167,9 +166,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     max_positions = int(model.max_sequence_length)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(
             llama_config(shape, tokenizer, max_positions, dtype), indent=2) + "\n")
@@ -181,10 +178,4 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             {"checkpoint": str(source.resolve()), "preset": cfg.model.preset,
              "tokenizer_fingerprint": tokenizer.fingerprint, "dtype": dtype,
              "parameters": sum(t.numel() for t in tensors.values())}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,6 +39,7 @@ from megatron_srp.presets import padded_vocab_size
 from megatron_srp.tokenizer import TOKENIZER_FILE, SRPTokenizer
 from megatron_srp.training import checkpoint as ckpt
 from megatron_srp.training import parallel
+from megatron_srp.units import staged_directory
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 NEW_ROWS = ("mean", "normal")
@@ -204,10 +203,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                                "hf_vocab_size": hf.vocab_size, "new_token_ids": new_ids,
                                "new_rows": options.new_rows, "dtype": dtype}}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_directory(out) as staging:
         with _one_process(cfg):
             model = build_model_chunks(cfg, tokenizer.vocab_size, DTYPES[dtype], False)
             assert len(model) == 1, "TP=1, PP=1 builds one model chunk"
@@ -220,10 +216,4 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
             del model
         tokenizer.save(staging / TOKENIZER_SUBDIR)
         (staging / "config.yaml").write_text(to_yaml(cfg))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ImportReport(out, parameters, tokenizer.vocab_size, new_ids, facts)
