@@ -90,6 +90,10 @@ class TrainConfig:
     clip_grad: float = 1.0
     eval_interval: int = 50
     eval_iters: int = 4
+    # Stop at the next step boundary with a checkpoint (exit 75) on these signals, or when the
+    # next regular save would come after exit_duration_minutes (docs/deployment.md).
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    exit_duration_minutes: Optional[float] = None
 
 
 @dataclass

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from megatron_srp.config import ConfigError, ExperimentConfig
 from megatron_srp.presets import CUSTOM, PRESETS
@@ -140,6 +141,13 @@ def validate(cfg: ExperimentConfig, world_size: int, platform: Platform,
     _require(0 <= t.warmup_iters < decay, "train.warmup_iters",
              f"must be >= 0 and below the decay length ({decay} iterations), got {t.warmup_iters}")
 
+    try:
+        signal_numbers(t.exit_signals)
+    except ValueError as exc:
+        raise ConfigError("train.exit_signals", str(exc).split(": ", 1)[1]) from None
+    _require(t.exit_duration_minutes is None or t.exit_duration_minutes > 0,
+             "train.exit_duration_minutes", f"must be > 0 (or null), got {t.exit_duration_minutes}")
+
     precision = resolved_precision(cfg, platform)
     if precision in ("bf16", "fp8"):
         _require(platform.has_cuda, "train.precision",
@@ -228,3 +236,18 @@ def _check_checkpoint(cfg: ExperimentConfig, check_files: bool) -> None:
     if ckpt.pretrained is not None and check_files:
         _require(os.path.isdir(ckpt.pretrained), "checkpoint.pretrained",
                  f"{ckpt.pretrained} is not a directory")
+
+
+def signal_numbers(names: Sequence[str]) -> list[signal.Signals]:
+    """``["SIGTERM", "USR1"]`` -> the signals; a name a process cannot catch is a ValueError
+    naming it."""
+    out = []
+    for name in names:
+        key = str(name).upper()
+        key = key if key.startswith("SIG") else "SIG" + key
+        if key in ("SIGKILL", "SIGSTOP") or not isinstance(getattr(signal, key, None),
+                                                          signal.Signals):
+            raise ValueError(f"train.exit_signals: {name!r} is not a signal a process can catch "
+                             f"(e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT)")
+        out.append(getattr(signal, key))
+    return out

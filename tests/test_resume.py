@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_srp.training.launch import TINY, kill_when, records, run_pretrain, start_pretrain, train_losses
+from megatron_srp.training.launch import (TINY, _kill_group, kill_when, records, run_pretrain,
+                                         start_pretrain, train_losses)
 
 STEPS = 20
 
@@ -82,3 +83,74 @@ def test_checkpoint_of_another_model_shape_is_refused(uninterrupted, shakespeare
     out = proc.stdout + proc.stderr
     assert "does not match the configured model" in out
     assert "num_layers: checkpoint 4 vs config 2" in out
+
+
+def _ranks(proc) -> list:
+    """The training ranks torchrun started (its python children that run the script)."""
+    import psutil
+
+    return [c for c in psutil.Process(proc.pid).children(recursive=True)
+            if any("pretrain_srp.py" in part for part in c.cmdline())]
+
+
+def _wait_for(condition, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition never reached"
+        time.sleep(0.05)
+
+
+def test_a_cluster_signal_stops_with_a_checkpoint_and_the_rerun_resumes_exactly(
+        uninterrupted, shakespeare_dataset, tmp_path):
+    """SIGUSR1 (what sbatch --signal sends before the time limit) to every rank: they agree to
+    stop at the next step boundary, save a complete checkpoint there (not at a save interval),
+    exit 75; the rerun resumes from it and replays the uninterrupted run's losses."""
+    import signal
+
+    proc = start_pretrain(2, _args(shakespeare_dataset, tmp_path))
+    try:
+        _wait_for(lambda: (tmp_path / "metrics.jsonl").exists()
+                  and len(train_losses(tmp_path)) >= 6)
+        for rank in _ranks(proc):
+            rank.send_signal(signal.SIGUSR1)
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        _kill_group(proc.pid)
+    stopped = int(_latest(tmp_path).removeprefix("iter_"))
+    assert 6 <= stopped < STEPS, out[-3000:]
+    assert f"stopped at step {stopped} of {STEPS} (SIGUSR1)" in out and "exitcode  : 75" in out
+    assert (tmp_path / _latest(tmp_path) / "run.json").is_file()
+    assert max(train_losses(tmp_path)) == stopped  # no step ran after the save
+    resumed = run_pretrain(2, _args(shakespeare_dataset, tmp_path))
+    assert f"starting at step {stopped}" in resumed.stdout
+    expected, got = train_losses(uninterrupted), train_losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+
+
+def test_ranks_die_with_their_launcher(shakespeare_dataset, tmp_path):
+    """SIGKILL to torchrun alone (not its process group): the ranks die too, and nothing more
+    is written into the run directory."""
+    import time
+
+    import psutil
+
+    proc = start_pretrain(2, _args(shakespeare_dataset, tmp_path, "train.train_iters=100000",
+                                   "checkpoint.save_interval=0"))
+    try:
+        _wait_for(lambda: (tmp_path / "metrics.jsonl").exists()
+                  and len(train_losses(tmp_path)) >= 2)
+        ranks = _ranks(proc)
+        assert len(ranks) == 2
+        proc.kill()
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(ranks, timeout=20)
+        assert not alive, [r.pid for r in alive]
+        size = (tmp_path / "metrics.jsonl").stat().st_size
+        time.sleep(1.0)
+        assert (tmp_path / "metrics.jsonl").stat().st_size == size
+    finally:
+        _kill_group(proc.pid)

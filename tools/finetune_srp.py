@@ -15,6 +15,7 @@ import sys
 from megatron_srp import cli
 from megatron_srp.data.chat import ChatDataError
 from megatron_srp.training.finetune import finetune, load_finetune_config
+from megatron_srp.training.stopping import EXIT_STOPPED
 
 
 @cli.tool_main  # a ConfigError exits 2 with one line, said once (rank 0)
@@ -29,12 +30,12 @@ def main(argv=None) -> int:
         cfg = load_finetune_config(args.config, args.overrides)
         if not cli.progress_wanted(args):
             cfg.logging.progress_bar = False
-        finetune(cfg)
+        result = finetune(cfg)
     except ChatDataError as exc:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same error; say it once
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_STOPPED if result.stopped else 0  # 75: stopped early after saving
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 
 from megatron_srp import cli
 from megatron_srp.training.pretrained import load_pretrain_config
+from megatron_srp.training.stopping import EXIT_STOPPED
 from megatron_srp.training.trainer import pretrain
 
 
@@ -27,8 +28,9 @@ def main(argv=None) -> int:
     cfg = load_pretrain_config(args.config, args.overrides)
     if not cli.progress_wanted(args):
         cfg.logging.progress_bar = False
-    pretrain(cfg)
-    return 0
+    result = pretrain(cfg)
+    # 75: stopped early on a signal or the time budget, after saving; rerun to resume.
+    return EXIT_STOPPED if result.stopped else 0
 
 
 if __name__ == "__main__":

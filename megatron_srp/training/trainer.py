@@ -31,6 +31,7 @@ from megatron_srp.training.optim import (
 )
 from megatron_srp.training.pretrained import pretrained_start
 from megatron_srp.training.step import TimedIterator, eval_step, train_step
+from megatron_srp.training.stopping import StopWatch, die_with_parent
 from megatron_srp.validation import Platform, resolved_precision, validate
 
 
@@ -39,6 +40,7 @@ class TrainResult:
     final_iteration: int
     losses: dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
+    stopped: Optional[str] = None  # why the run ended before train_iters (a signal, the budget)
 
 
 def load_run_tokenizer(cfg: ExperimentConfig) -> SRPTokenizer:
@@ -131,6 +133,8 @@ def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
     """
     t, save_dir = cfg.train, cfg.checkpoint.save
     rank0 = dist.get_rank() == 0
+    if "LOCAL_RANK" in os.environ:  # under torchrun: die with the launcher, never train on
+        die_with_parent()
     model, optimizer, scheduler = build_training_state(cfg, tokenizer.vocab_size, precision,
                                                        platform)
     shape = cfg.model.shape()
@@ -178,6 +182,8 @@ def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
     tokens_per_step = t.global_batch_size * t.seq_length
     interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
     watch = Stopwatch()
+    stopper = StopWatch(t.exit_signals, t.exit_duration_minutes)
+    step_seconds: list[float] = []
     compat.reset_peak_memory()
     for step in range(progress.iteration, t.train_iters):
         for message in monitor.advance(step * t.global_batch_size, t.global_batch_size):
@@ -188,6 +194,7 @@ def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
                            plan.num_microbatches, t.seq_length, t.micro_batch_size)
         compat.synchronize()
         step_s = watch.lap()
+        step_seconds.append(step_s)
         progress.iteration = step + 1
         progress.consumed_train_samples += t.global_batch_size
         interval_tokens += tokens_per_step
@@ -211,14 +218,33 @@ def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
             _evaluate(model, valid_ds, plan, progress, cfg, log)
         last = progress.iteration == t.train_iters
         interval = cfg.checkpoint.save_interval
-        if save_dir and (last or (interval and progress.iteration % interval == 0)):
+        saved = bool(save_dir and (last or (interval and progress.iteration % interval == 0)))
+        stop = None if last else stopper.should_stop(
+            _seconds_to_next_save(progress.iteration, interval, t.train_iters, step_seconds))
+        if save_dir and (saved or stop):
             path = ckpt.save(save_dir, progress, model, optimizer, scheduler, cfg,
                              tokenizer.vocab_size, cfg.checkpoint.keep_last, run_facts)
             log.info(f"saved checkpoint {path}")
             result.checkpoint = str(path)
+        if stop:
+            log.info(f"stopped at step {progress.iteration} of {t.train_iters} ({stop}); "
+                     f"rerun the same command to resume")
+            result.stopped = stop
+            break
+    stopper.restore()
     result.final_iteration = progress.iteration
     log.close()
     return result
+
+
+def _seconds_to_next_save(iteration: int, interval: int, train_iters: int,
+                          step_seconds: list[float]) -> float:
+    """How long until the next regular save (or the end), at the recent step time."""
+    recent = step_seconds[-10:]
+    per_step = sum(recent) / len(recent) if recent else 0.0
+    next_save = train_iters if not interval else min(
+        train_iters, (iteration // interval + 1) * interval)
+    return (next_save - iteration) * per_step
 
 
 def _evaluate(model, valid_ds, plan: BatchPlan, progress: ckpt.Progress,

@@ -1,0 +1,49 @@
+"""The stop flag behind graceful preemption, in this process (no process group): a caught
+signal or a spent time budget says why to stop; names a process cannot catch are refused.
+tests/test_resume.py stops and resumes a real two-rank run."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from megatron_srp.training.stopping import StopWatch
+from megatron_srp.training.trainer import _seconds_to_next_save
+from megatron_srp.validation import signal_numbers
+
+
+def test_a_caught_signal_is_the_reason_to_stop():
+    before = signal.getsignal(signal.SIGUSR2)
+    watch = StopWatch(["SIGUSR2", "usr1"], None)
+    try:
+        assert watch.should_stop(1e9) is None  # no budget: any time to the next save is fine
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal does not change the reason
+        assert watch.should_stop(0.0) == "SIGUSR2"
+    finally:
+        watch.restore()
+    assert signal.getsignal(signal.SIGUSR2) == before
+
+
+def test_the_budget_stops_when_the_next_save_would_come_too_late():
+    watch = StopWatch([], exit_duration_minutes=1.0)
+    assert watch.should_stop(seconds_to_next_save=30.0) is None
+    assert watch.should_stop(seconds_to_next_save=61.0) == "exit_duration"
+    late = StopWatch([], exit_duration_minutes=0.001)  # 60 ms
+    time.sleep(0.1)
+    assert late.should_stop(0.0) == "exit_duration"
+
+
+def test_seconds_to_the_next_save_use_the_recent_step_time():
+    assert _seconds_to_next_save(12, 5, 100, [2.0] * 20) == 3 * 2.0  # next save at 15
+    assert _seconds_to_next_save(12, 0, 20, [1.0, 3.0]) == 8 * 2.0  # no interval: the end
+    assert _seconds_to_next_save(98, 50, 100, [1.0]) == 2.0
+
+
+@pytest.mark.parametrize("name", ["SIGKILL", "KILL", "SIGSTOP", "SIGNOPE", "TERMINATE"])
+def test_signals_that_cannot_be_caught_are_refused_by_name(name):
+    with pytest.raises(ValueError, match=f"train.exit_signals: '{name}'"):
+        signal_numbers([name])
+    assert signal_numbers(["SIGTERM", "usr1"]) == [signal.SIGTERM, signal.SIGUSR1]
