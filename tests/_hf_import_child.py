@@ -25,6 +25,13 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = "ROMEO: What light through yonder window breaks?\n<|reflect|>Safe<|/reflect|> It is"
 
 
+def _max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors of the same shape (never broadcast: a
+    wrong slice must fail here, not shrink into a small difference)."""
+    assert got.shape == want.shape, f"shapes differ: {tuple(got.shape)} vs {tuple(want.shape)}"
+    return (got.float() - want.float()).abs().max().item()
+
+
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -68,7 +75,7 @@ def tp1(cases: list[dict]) -> list[dict]:
         result = {
             "rc": rc, "vocab_size": tok.vocab_size, "new_ids": new,
             "special_ids": tok.special_token_ids, "fingerprint": tok.fingerprint,
-            "max_diff_old_ids": (ours[:, :case["hf_vocab"]] - ref).abs().max().item(),
+            "max_diff_old_ids": _max_diff(ours[:, :case["hf_vocab"]], ref),
             "scale": ref.abs().max().item(),
             "argmax_equal": bool((ours[:, :case["hf_vocab"]].argmax(-1)
                                   == ref.argmax(-1)).all()),
@@ -98,15 +105,14 @@ def tp1(cases: list[dict]) -> list[dict]:
             with torch.no_grad():
                 ours_all = _logits(model, torch.tensor([ids]), tok.vocab_size)[0]
             shutdown()
-            result["export_logits_diff"] = (exported - ours_all).abs().max().item()
+            result["export_logits_diff"] = _max_diff(exported, ours_all)
             # import(export(checkpoint)): the checkpoint's logits again
             again = str(Path(case["run"]).with_name(Path(case["run"]).name + "-again"))
             result["reimport_rc"] = importer.main(["--hf", case["export"], "--out", again])
             model, tok2, _ = load_for_inference(again)
             with torch.no_grad():
-                result["reimport_logits_diff"] = (_logits(model, torch.tensor([ids]),
-                                                          tok2.vocab_size)[0]
-                                                  - ours_all).abs().max().item()
+                result["reimport_logits_diff"] = _max_diff(
+                    _logits(model, torch.tensor([ids]), tok2.vocab_size)[0], ours_all)
             result["reimport_same_tokenizer"] = tok2.fingerprint == tok.fingerprint
             shutdown()
         results.append(result)
@@ -187,7 +193,7 @@ def layout_logits(spec: dict) -> dict:
             logits = _forward_logits(model[0], torch.tensor([ids]), tok.vocab_size)
         if logits is not None and dist.get_rank() in (0, dist.get_world_size() - 1):
             out[f"tp{tp}_pp{pp}"] = {
-                "max_diff": (logits[:, :spec["hf_vocab"]] - ref).abs().max().item(),
+                "max_diff": _max_diff(logits[:, :spec["hf_vocab"]], ref),
                 "scale": ref.abs().max().item()}
         dist.barrier()
         from megatron.core import parallel_state as mpu
