@@ -47,6 +47,7 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else None
         self.threads = threads
         self.proc: Optional[subprocess.Popen] = None
+        self._log = None  # the open log file, closed when the server has stopped
 
     @property
     def base_url(self) -> str:
@@ -54,7 +55,8 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 180.0) -> "ServerProcess":
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._log = open(self.log_path, "ab") if self.log_path else None
+        log = self._log if self._log is not None else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, str(SERVE_TOOL), "--checkpoint", self.checkpoint,
              "--port", str(self.port), *self.args], cwd=REPO_ROOT, env=env, stdout=log,
@@ -82,6 +84,9 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -90,6 +95,9 @@ class ServerProcess:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> "ServerProcess":
         return self.start()

@@ -55,7 +55,6 @@ class Job:
     choice: int = 0
     on_token: Optional[Callable[[int, torch.Tensor], bool]] = None
     future: Future = field(default_factory=Future)
-    stopped_by_observer: bool = False
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys may share a batch."""
@@ -187,11 +186,8 @@ class Engine:
         generators = [_row_generator(j.seed, j.choice, dev) for j in jobs]
 
         def observe(row: int, token: int, logits: torch.Tensor) -> bool:
-            job = jobs[row]
-            if job.on_token is not None and job.on_token(token, logits):
-                job.stopped_by_observer = True
-                return True
-            return False
+            on_token = jobs[row].on_token
+            return on_token is not None and bool(on_token(token, logits))
 
         out = sample_ids(self.model, self.tokenizer, [j.prompt_ids for j in jobs], gen,
                          stop_ids=[self._tag], limits=limits, generators=generators,
