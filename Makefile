@@ -2,7 +2,8 @@
 #   make demo   the MedSafetyWorld experiment at CPU size: a synthetic world, raw, filter and SRP
 #               models pretrained, attacked and judged exactly; prints the premise table and
 #               the headline comparison (about 15 minutes on 2 cores, the venv included)
-#   make test   the default test suite (CPU; slow and GPU tests are skipped)
+#   make test   the default test suite (CPU; slow, GPU and Slurm tests are skipped)
+# make test-slurm: examples/slurm/pretrain.sbatch on a local two-node Slurm (run by .ci/run).
 # make demo-full: the full CPU experiment (3 seeds, rewrite, noisy ablation, finetuning attacks,
 #                post-training with reflections); reuses the demo's models.
 # make demo-shakespeare: preprocess tinyshakespeare, train the tiny preset on 2 ranks, sample.
@@ -18,7 +19,7 @@ DEMO_RUN := runs/tiny-cpu-demo
 # torch pulls several GB of CUDA packages. On a GPU host install the project into a CUDA torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo demo-full demo-shakespeare test test-all bench clean
+.PHONY: venv demo demo-full demo-shakespeare test test-slurm test-all bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +49,12 @@ demo-shakespeare: $(DEMO_DATA).bin
 		--max-new-tokens 60
 
 test: $(VENV)/.installed
-	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m "not slow and not gpu"
+	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m "not slow and not gpu and not slurm"
+
+# The sbatch script on a local two-node Slurm cluster (root; installs slurm-wlm and munge with
+# apt-get where missing; skips and says why where that is impossible). About 4 minutes.
+test-slurm: $(VENV)/.installed
+	SRP_INSTALL_SLURM=1 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 test-all: $(VENV)/.installed
 	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q

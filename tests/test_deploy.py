@@ -101,7 +101,9 @@ def test_sbatch_runs_one_torchrun_per_node_in_the_container(tmp_path):
     assert "--container-image=/images/megatron-srp.sqsh" in srun
     assert f"--container-mounts={REPO}:{REPO},/lustre:/lustre" in srun
     assert f"--container-workdir={REPO}" in srun
-    assert cmd[1:6] == ["--nnodes=8", "--nproc_per_node=8", "--rdzv_backend=c10d",
+    assert cmd[1] == "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"  # the ranks take TERM, USR1
+    assert srun[-4:-1] == ["bash", "-c", 'trap "" TERM USR1; exec "$@"']
+    assert cmd[2:7] == ["--nnodes=8", "--nproc_per_node=8", "--rdzv_backend=c10d",
                         "--rdzv_endpoint=gpu01:29500", "--rdzv_id=4242"]
     tool = cmd.index("tools/pretrain_srp.py")
     assert cmd[tool + 1:] == ["--config", "examples/scale/llama_7b_64gpu.yaml", *overrides]
@@ -114,7 +116,7 @@ def test_sbatch_runs_one_torchrun_per_node_in_the_container(tmp_path):
     assert exported == {"OMP_NUM_THREADS": "12", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
                         "PYTHONPATH": str(REPO), "NCCL_DEBUG": "WARN"}
     launch = (tmp_path / "logs" / "launch.txt").read_text()
-    assert "job 4242: 8 nodes x 8 GPUs, head gpu01:29500" in launch
+    assert "job 4242 (restart 0): 8 nodes x 8 ranks, head gpu01:29500" in launch
     assert "runtime: container /images/megatron-srp.sqsh" in launch
 
 
@@ -179,3 +181,22 @@ def test_the_project_never_imports_apex():
     offenders = [str(p.relative_to(REPO)) for d in ("megatron_srp", "tools")
                  for p in (REPO / d).rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_every_path_the_dockerfile_copies_exists_and_reaches_the_build():
+    """COPY sources, relative to the build context: each exists and .dockerignore keeps it."""
+    import fnmatch
+
+    ignored = [p.strip().rstrip("/") for p in (REPO / ".dockerignore").read_text().splitlines()
+               if p.strip() and not p.startswith("#")]
+    sources = []
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == "COPY":
+            args = [a for a in parts[1:] if not a.startswith("--")]
+            sources += args[:-1]
+    assert {"setup.py", "megatron_srp", "tools", "docker/requirements.txt"} <= set(sources)
+    for src in sources:
+        assert (REPO / src).exists(), f"Dockerfile copies {src}, which does not exist"
+        assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), \
+            f"Dockerfile copies {src}, but .dockerignore leaves it out of the context"

@@ -47,3 +47,44 @@ def test_signals_that_cannot_be_caught_are_refused_by_name(name):
     with pytest.raises(ValueError, match=f"train.exit_signals: '{name}'"):
         signal_numbers([name])
     assert signal_numbers(["SIGTERM", "usr1"]) == [signal.SIGTERM, signal.SIGUSR1]
+
+
+def test_a_helper_started_while_ignoring_survives_the_stop_signal():
+    """What the cluster does: SIGTERM to every process of the job. A spawned helper started
+    inside ``ignored`` (as the trainer starts Megatron-Core's checkpoint queue manager) lives
+    on; one started outside dies; after the block this process catches the signal again."""
+    import multiprocessing as mp
+
+    spawn = mp.get_context("spawn")
+    watch = StopWatch(["SIGTERM"], None)
+    try:
+        with watch.ignored():
+            helper = spawn.Process(target=time.sleep, args=(2,))
+            helper.start()
+        exposed = spawn.Process(target=time.sleep, args=(2,))
+        exposed.start()
+        time.sleep(1.0)  # both interpreters are up
+        for proc in (helper, exposed):
+            os.kill(proc.pid, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        helper.join(timeout=20)
+        exposed.join(timeout=20)
+        assert helper.exitcode == 0
+        assert exposed.exitcode == -signal.SIGTERM
+        assert watch.should_stop(1e9) == "SIGTERM"
+    finally:
+        watch.restore()
+
+
+def test_the_stop_marker_is_written_only_when_asked_for(tmp_path, monkeypatch):
+    import json
+
+    from megatron_srp.training.stopping import STOP_MARKER_ENV, record_stop
+
+    monkeypatch.delenv(STOP_MARKER_ENV, raising=False)
+    assert record_stop("SIGTERM", 7, "/run/iter_0000007") is None
+    marker = tmp_path / "logs" / "stopped.json"
+    monkeypatch.setenv(STOP_MARKER_ENV, str(marker))
+    assert record_stop("SIGUSR1", 7, "/run/iter_0000007") == marker
+    assert json.loads(marker.read_text()) == {"reason": "SIGUSR1", "iteration": 7,
+                                              "checkpoint": "/run/iter_0000007"}

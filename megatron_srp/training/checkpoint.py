@@ -163,6 +163,17 @@ def _describe_model(cfg: ExperimentConfig, vocab_size: int) -> dict:
     return {**asdict(cfg.model.shape()), "vocab_size": vocab_size}
 
 
+def start_helper_processes() -> None:
+    """Start the process that Megatron-Core's checkpoint writers report to (a spawned
+    multiprocessing manager, otherwise started lazily by the first save) now, so the caller
+    chooses the signals it inherits (see ``StopWatch.ignored``)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is not None:
+        start()
+
+
 def save(root: str, progress: Progress, model, optimizer, scheduler,
          cfg: ExperimentConfig, vocab_size: int, keep_last: int,
          run_facts: Optional[dict] = None) -> Path:

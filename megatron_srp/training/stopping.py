@@ -15,16 +15,24 @@ so a SIGKILLed torchrun leaves no rank training and writing into the run directo
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_srp.units import write_atomic
 from megatron_srp.validation import signal_numbers
+
+#: Where a stopped run tells its launcher so (torchrun reports a rank's exit 75 as a plain
+#: failure, so the sbatch script reads this file instead): a path in this variable.
+STOP_MARKER_ENV = "SRP_STOP_MARKER"
 
 #: The exit status of a run that stopped on a signal or its time budget, after saving
 #: (EX_TEMPFAIL: "try again later"; the sbatch script requeues the job on it).
@@ -50,6 +58,24 @@ class StopWatch:
             print(f"received {self.received}: stopping after this step, with a checkpoint",
                   file=sys.stderr, flush=True)
 
+    @contextmanager
+    def ignored(self) -> Iterator[None]:
+        """Ignore the stop signals while the body starts long-lived helper processes.
+
+        A cluster signals every process of the job. Megatron-Core's checkpoint results queue
+        is served by a spawned manager process, which would die of the signal and take the
+        stop's save with it; started inside this block it inherits the ignored disposition
+        (which, unlike a blocked mask, survives the new interpreter's start) and lives.
+        Forked helpers inherit this process's handler and need nothing. A signal that
+        arrives during the block itself is lost, so keep it short."""
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            for sig in self._previous:
+                signal.signal(sig, self._on_signal)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -72,6 +98,19 @@ class StopWatch:
         if code == 2:
             return self.received or "signal"
         return "exit_duration" if code == 1 else None
+
+
+def record_stop(reason: str, iteration: int, checkpoint: Optional[str]) -> Optional[Path]:
+    """Write ``$SRP_STOP_MARKER`` (JSON: why, at which step, the checkpoint saved), atomically,
+    after the stop's checkpoint is complete; nothing when the variable is unset."""
+    path = os.environ.get(STOP_MARKER_ENV)
+    if not path:
+        return None
+    marker = Path(path)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(marker, json.dumps({"reason": reason, "iteration": iteration,
+                                     "checkpoint": checkpoint}) + "\n")
+    return marker
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:

@@ -31,7 +31,7 @@ from megatron_srp.training.optim import (
 )
 from megatron_srp.training.pretrained import pretrained_start
 from megatron_srp.training.step import TimedIterator, eval_step, train_step
-from megatron_srp.training.stopping import StopWatch, die_with_parent
+from megatron_srp.training.stopping import StopWatch, die_with_parent, record_stop
 from megatron_srp.validation import Platform, resolved_precision, validate
 
 
@@ -183,6 +183,9 @@ def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
     interval_tokens, interval_data_s, interval_step_s = 0, 0.0, 0.0
     watch = Stopwatch()
     stopper = StopWatch(t.exit_signals, t.exit_duration_minutes)
+    if save_dir:
+        with stopper.ignored():  # so that the stop signal cannot kill the stop's own save
+            ckpt.start_helper_processes()
     step_seconds: list[float] = []
     compat.reset_peak_memory()
     for step in range(progress.iteration, t.train_iters):
@@ -230,6 +233,8 @@ def train_loop(cfg: ExperimentConfig, tokenizer: SRPTokenizer, precision: str,
             log.info(f"stopped at step {progress.iteration} of {t.train_iters} ({stop}); "
                      f"rerun the same command to resume")
             result.stopped = stop
+            if rank0:
+                record_stop(stop, progress.iteration, result.checkpoint)
             break
     stopper.restore()
     result.final_iteration = progress.iteration
