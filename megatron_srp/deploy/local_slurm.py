@@ -6,8 +6,9 @@ runs its own ``slurmd``; ``slurmctld`` runs on ``node1``; one ``munged`` serves 
 through a socket in the cluster's directory. A job's ranks therefore really talk across
 nodes (torchrun's c10d rendezvous, gloo), while everything stays on this machine.
 
-Needs root, ``ip`` (iproute2), ``unshare`` and Debian's ``slurm-wlm`` and ``munge``
-(``ensure_installed`` installs the last two with apt-get). :class:`Unavailable` says why a
+Needs root, ``ip`` (iproute2), ``nsenter`` and ``unshare`` (util-linux), and Debian's
+``slurm-wlm`` and ``munge`` (``ensure_installed`` installs them with apt-get). Each node also
+has its own mount namespace, where the cluster's hosts file is bound over /etc/hosts. :class:`Unavailable` says why a
 cluster cannot start here, so tests can skip with that reason.
 
     with LocalSlurm(Path("/tmp/cluster"), nodes=2) as cluster:
