@@ -22,6 +22,7 @@ docs/srp.md for the measurements) and ``"regex"`` (no extra package).
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -201,8 +202,9 @@ def _token_tables(offsets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ``i``; ``clean[i]``: a cut before token ``i`` is clean, i.e. token ``i`` starts where the
     tokens before it end (byte-level pieces of one multi-byte character share its span);
     ``next_clean[i]``: the first clean index >= ``i`` (``n`` if none)."""
-    table = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    n = len(table)
+    n = len(offsets)
+    flat = itertools.chain.from_iterable(offsets)  # fromiter: about 2x np.asarray on tuples
+    table = np.fromiter(flat, dtype=np.int64, count=2 * n).reshape(n, 2)
     starts = table[:, 0]
     clean = np.zeros(n, dtype=bool)
     clean[1:] = starts[1:] >= table[:-1, 1]
@@ -221,7 +223,7 @@ def _to_cuts(positions: Sequence[int], starts: np.ndarray, next_clean: np.ndarra
     i = np.searchsorted(starts, np.asarray(positions, dtype=np.int64), side="left")
     i = i[(i > 0) & (i < n)]
     i = next_clean[i]
-    return np.unique(i[i < n]).tolist()
+    return sorted(set(i[i < n].tolist()))  # np.unique costs more on a few dozen values
 
 
 def _closest(cuts: list[int], lo: int, hi: int, target: int) -> int | None:
@@ -247,16 +249,23 @@ def segment_text(
     config: SegmentConfig | None = None,
     splitter: SentenceSplitter | None = None,
     offsets: Sequence[tuple[int, int]] | None = None,
+    encoding: Any = None,
 ) -> list[Segment]:
     """Cut ``text`` into :class:`Segment`s that cover it exactly, in order.
 
     ``tokenizer`` is an :class:`~megatron_srp.tokenizer.SRPTokenizer` or a
     ``tokenizers.Tokenizer``; ``splitter`` overrides ``config.splitter``. ``offsets`` are the
-    text's token offsets when the caller already encoded it.
+    text's token offsets when the caller already encoded it; or give its ``encoding`` (a
+    ``tokenizers.Encoding``), whose offsets are then only read for a text that is cut
+    (reading them builds a Python tuple per token).
     """
     config = config or SegmentConfig()
     if not text:
         return []
+    if offsets is None and encoding is not None:
+        if len(encoding) <= config.max_tokens:
+            return [Segment(index=0, start=0, end=len(text), text=text, num_tokens=len(encoding))]
+        offsets = encoding.offsets
     if offsets is None:
         offsets = _token_offsets(text, tokenizer)
     n = len(offsets)
@@ -357,11 +366,12 @@ class SegmentStage:
     def __call__(self, doc: Document) -> Iterator[Document]:
         yield replace(doc, meta={**doc.meta, META_KEY: self.segments(doc.text)})
 
-    def segments(self, text: str, offsets: Sequence[tuple[int, int]] | None = None
-                 ) -> list[Segment]:
+    def segments(self, text: str, offsets: Sequence[tuple[int, int]] | None = None,
+                 encoding: Any = None) -> list[Segment]:
         """:func:`segment_text` with this stage's tokenizer, splitter and config."""
         tokenizer, splitter = self._load()
-        return segment_text(text, tokenizer, self.config, splitter=splitter, offsets=offsets)
+        return segment_text(text, tokenizer, self.config, splitter=splitter, offsets=offsets,
+                            encoding=encoding)
 
     def describe(self) -> dict[str, Any]:
         tokenizer, splitter = self._load()
