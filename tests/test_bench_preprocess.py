@@ -248,3 +248,31 @@ def test_megatron_lm_gives_the_same_token_ids(shared_data: Path, tmp_path: Path)
     assert not report["skipped"] and all(r["returncode"] == 0 for r in report["runs"])
     (check,) = report["tokenizer_checks"]
     assert check["same_tokens"] and check["identical"] == check["compared"] > 100
+
+
+def test_stage_profile_sorts_samples_into_stages(tmp_path: Path) -> None:
+    from megatron_srp.bench import stage_profile
+
+    proc = 'process 1:"python tools/preprocess_srp.py"'
+    lines = [
+        f"{proc};main (preprocess_srp.py:10);SRPTokenizer.tokenize_batch "
+        "(megatron_srp/tokenizer.py:189) 70",
+        f"{proc};Labeler.label (megatron_srp/data/labeling.py:77);EmbeddedClassifier."
+        "classify (megatron_srp/reflection/classifiers.py:197);SRPTokenizer.encode_batch "
+        "(megatron_srp/tokenizer.py:190) 20",  # a classifier tokenizing again: classification
+        f"{proc};segment_text (megatron_srp/reflection/segment.py:250) 6",
+        f"{proc};<module> (preprocess_srp.py:1);_find_and_load (<frozen importlib._bootstrap>:1)"
+        " 4",
+    ]
+    path = tmp_path / "srp-w1.txt"
+    path.write_text("\n".join(lines) + "\n")
+    counts = stage_profile.stage_samples(path)
+    assert counts == {"tokenization (encode_batch)": 70, "classification": 20,
+                      "segmenting (sentence ends, cuts)": 6,
+                      "start-up (imports, tokenizer and classifier loading)": 4}
+    table = stage_profile.markdown_table([path], rate=10)
+    assert "| tokenization (encode_batch) | 7.0 s (70%) |" in table
+    assert "| total CPU | 10.0 s |" in table
+    path.write_text("not a profile\n")
+    with pytest.raises(ValueError, match="srp-w1.txt:1: not a py-spy raw line"):
+        stage_profile.stage_samples(path)
