@@ -318,6 +318,7 @@ def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int
         if set(given) - set(CASES):
             raise ValueError(f"unknown {label} {sorted(set(given) - set(CASES))}; expected some"
                              f" of {', '.join(CASES)}")
+    machine = machine_info(megatron_lm)  # before the runs: the commit measured, the load then
     toks = resolve_tokenizers(tokenizers, work, data_dir)
     planned, skipped = [], []
     for name, tok in toks.items():
@@ -383,7 +384,7 @@ def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int
                    "tokenizers": list(toks), "ours_args": list(ours_args),
                    "ours_tool": ours_tool or "tools/preprocess_srp.py", "poll_seconds": 0.05,
                    "pss_every_polls": pss_every, "flat_tolerance": flat_tolerance},
-        "machine": machine_info(megatron_lm),
+        "machine": machine | {"load_average_at_end": os.getloadavg()},
         "tokenizers": toks,
         "corpora": {f"{mb:g}": c["record"] | {"path": c["path"]} for mb, c in corpora.items()},
         "skipped": skipped, "runs": runs, "summary": summary,

@@ -144,8 +144,8 @@ def machine_info(megatron_lm: Optional[str]) -> dict[str, Any]:
     return info
 
 
-def _load(machine: dict[str, Any]) -> str:
-    return " / ".join(f"{x:.2f}" for x in machine.get("load_average_at_start") or ()) or "-"
+def _load(machine: dict[str, Any], when: str) -> str:
+    return " / ".join(f"{x:.2f}" for x in machine.get(f"load_average_at_{when}") or ()) or "-"
 
 
 def _ratio(value: Optional[float]) -> str:
@@ -161,7 +161,8 @@ def markdown_report(report: dict[str, Any]) -> str:
              f"{m.get('tokenizers')}; commit {m['git_commit']}"
              f"{' with uncommitted changes' if m['git_dirty'] else ''}"
              + (f"; Megatron-LM {mlm.get('describe')} ({mlm.get('commit')})" if mlm else "")
-             + f"; load average at start {_load(m)}.", "",
+             + f"; load average (1/5/15 min) at start {_load(m, 'start')}, at end "
+             f"{_load(m, 'end')}.", "",
              "| tokenizer | case | workers | corpus MB | docs | tokens | seconds | CPU s | docs/s "
              "| tokens/s | peak RSS MB | peak PSS MB | time / bare | CPU / bare "
              "| Megatron-LM time / time |", "|---" * 15 + "|"]
