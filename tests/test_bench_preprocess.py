@@ -81,14 +81,19 @@ def test_measure_sums_rss_over_the_process_tree(tmp_path: Path) -> None:
     assert run["peak_pss_bytes"] and run["polls"] > 5 and run["max_processes"] == 2
 
 
-def test_raw_case_counts_tokens_from_the_idx(shared_data: Path, tiny_corpus: Path,
-                                             tmp_path: Path) -> None:
-    """Our raw case at 1 worker, measured as a real subprocess of tools/preprocess_srp.py."""
-    report = bench.run_bench(tmp_path, TINY_MB, [1], ["ours-raw"], data_dir=shared_data)
+def test_raw_and_bare_cases_count_the_same_tokens(shared_data: Path, tiny_corpus: Path,
+                                                  tmp_path: Path) -> None:
+    """Our raw case and bare tokenization at 1 worker, measured as real subprocesses, and the
+    memory-scaling run: only the chosen case, once."""
+    report = bench.run_bench(tmp_path, TINY_MB, [1], ["bare", "ours-raw"], data_dir=shared_data,
+                             scaling_mb=TINY_MB / 10, scaling_cases=["ours-raw"])
     corpus = Path(report["corpora"][f"{TINY_MB:g}"]["path"])
     assert corpus.read_bytes() == tiny_corpus.read_bytes()
-    (run,) = report["runs"]
-    assert run["returncode"] == 0, run.get("error")
+    assert [(r["case"], r["corpus_mb"]) for r in report["runs"]] == [
+        ("bare", TINY_MB), ("ours-raw", TINY_MB), ("ours-raw", TINY_MB / 10)]
+    bare, run, small = report["runs"]
+    assert all(r["returncode"] == 0 for r in report["runs"]), [r.get("error") for r in
+                                                               report["runs"]]
     ds = IndexedDataset(run["prefix"])
     assert run["tokens"] == int(ds.sequence_lengths.sum()) and run["documents"] == len(ds)
     # Independently: our tokenizer over the corpus, one end-of-document per document.
@@ -96,15 +101,62 @@ def test_raw_case_counts_tokens_from_the_idx(shared_data: Path, tiny_corpus: Pat
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     assert not any(t in text for text in texts for t in tok.special_tokens)
     assert run["tokens"] == sum(len(ids) + 1 for ids in tok.tokenize_batch(texts))
+    assert (bare["tokens"], bare["documents"]) == (run["tokens"], run["documents"])
     assert run["documents"] == run["input_documents"] == len(texts)
     assert run["peak_rss_bytes"] > 50 * bench.MB and run["docs_per_s"] > 0
     assert run["max_processes"] >= 1 and run["cpu_seconds"] > 0
+    assert small["documents"] < run["documents"]
     assert report["machine"]["cpu_count"] and report["machine"]["git_commit"]
-    (row,) = report["summary"]
+    rows = {(r["case"], r["corpus_mb"]): r for r in report["summary"]}
+    row = rows[("ours-raw", TINY_MB)]
     assert row["tokens"] == run["tokens"] and row["seconds"] == run["seconds"]
+    assert row["x_bare"] == pytest.approx(run["seconds"] / bare["seconds"])
+    assert rows[("bare", TINY_MB)]["x_bare"] == 1.0 and row["mlm_speedup"] is None
+    goals = {g["goal"].split(" (")[0]: g for g in report["goals"]}
+    assert goals["raw <= 1.25 x bare"]["ratio"] == pytest.approx(row["x_bare"])
+    assert goals["ours-raw peak RSS flat"]["big_mb"] == row["peak_rss_mb"]
     text = (tmp_path / "report.md").read_text()
     assert text == bench.markdown_report(json.loads((tmp_path / "report.json").read_text()))
-    assert f"| ours-raw | 1 | {TINY_MB:g} | {run['documents']} | {run['tokens']} |" in text
+    assert (f"| shipped | ours-raw | 1 | {TINY_MB:g} | {run['documents']} | {run['tokens']} |"
+            in text)
+
+
+def test_bare_tokenize_names_the_bad_line(tmp_path: Path) -> None:
+    from megatron_srp.bench import bare_tokenize
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"body": "no text key"}\n')
+    tokenizer = default_tokenizer_dir() / "tokenizer.json"
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: no text under key 'text'"):
+        bare_tokenize.tokenize_corpus(corpus, tokenizer)
+    corpus.write_text('{"text": "one two"}\n{"text": "three"}\n')
+    counts = bare_tokenize.tokenize_corpus(corpus, tokenizer, batch_docs=1)
+    tok = SRPTokenizer.from_dir(default_tokenizer_dir())
+    assert counts == {"documents": 2, "tokens": len(tok.tokenize("one two")) + 1
+                      + len(tok.tokenize("three")) + 1}
+
+
+def test_the_49k_tokenizer_is_trained_once(shared_data: Path, tmp_path: Path) -> None:
+    (tok,) = bench.resolve_tokenizers([bench.BPE_49K], tmp_path, shared_data).values()
+    assert tok["vocab_size"] == 49152 and "<|endoftext|>" in tok["special_tokens"]
+    path = Path(tok["dir"]) / "tokenizer.json"
+    mtime = path.stat().st_mtime_ns
+    assert bench.resolve_tokenizers([bench.BPE_49K], tmp_path, shared_data)[bench.BPE_49K] == tok
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(FileNotFoundError, match="no .*tokenizer.json"):
+        bench.resolve_tokenizers([str(tmp_path / "nowhere")], tmp_path, shared_data)
+
+
+@pytest.mark.slow
+def test_ray_case_matches_local_bytes(shared_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray.data")
+    report = bench.run_bench(tmp_path, TINY_MB, [2], ["ours-srp", "ours-srp-ray"],
+                             data_dir=shared_data, ours_args=["--shard-mb", "0.1"])
+    assert all(r["returncode"] == 0 for r in report["runs"])
+    (check,) = report["ray_checks"]
+    assert check["identical"] and check["files"] == ["bin", "idx", "labels.jsonl"]
+    assert any(g["goal"].startswith("ours-srp --backend ray") and g["met"]
+               for g in report["goals"])
 
 
 def test_cli_reports_the_megatron_skip(shared_data: Path, tmp_path: Path) -> None:
@@ -149,26 +201,39 @@ def test_compare_datasets_explains_special_token_differences(tmp_path: Path) -> 
 
 
 def test_goals_and_markdown_from_summary_rows() -> None:
-    def row(case: str, workers: int, mb: float, docs_per_s: float, rss: float) -> dict:
-        return {"case": case, "workers": workers, "corpus_mb": mb, "documents": 10, "tokens": 99,
-                "seconds": 1.0, "docs_per_s": docs_per_s, "tokens_per_s": 99.0, "mb_per_s": 1.0,
-                "cpu_seconds": 1.0, "peak_rss_mb": rss, "peak_pss_mb": None, "repeats": 1,
-                "failed": 0, "max_processes": 3}
+    def run(case: str, workers: int, mb: float, seconds: float, rss: float) -> dict:
+        return {"tokenizer": "shipped", "case": case, "workers": workers, "corpus_mb": mb,
+                "returncode": 0, "documents": 10, "tokens": 99, "input_documents": 10,
+                "seconds": seconds, "docs_per_s": 10 / seconds, "tokens_per_s": 99 / seconds,
+                "mb_per_s": 1.0, "cpu_seconds": seconds, "peak_rss_bytes": rss * bench.MB,
+                "peak_pss_bytes": None, "max_processes": 4}
 
-    rows = [row("ours-raw", 2, 50, 100, 400), row("ours-srp", 2, 50, 40, 500),
-            row("megatron-lm", 2, 50, 90, 900), row("ours-raw", 2, 5, 100, 390)]
-    goals = {g["goal"].split(" (")[0]: g for g in bench.evaluate_goals(rows, 50, 5, 1.25)}
-    assert goals["raw >= megatron-lm"]["met"] and goals["raw >= megatron-lm"]["ratio"] > 1.1
-    assert not goals["srp >= 0.5 x raw"]["met"]
+    runs = [run("bare", 2, 50, 4.0, 300), run("ours-raw", 2, 50, 4.8, 400),
+            run("ours-srp", 2, 50, 10.0, 500), run("megatron-lm", 2, 50, 12.0, 900),
+            run("ours-srp-ray", 2, 50, 12.5, 900), run("ours-raw", 2, 5, 1.0, 390)]
+    rows = bench.summarize(runs)
+    by_case = {(r["case"], r["corpus_mb"]): r for r in rows}
+    assert by_case[("ours-raw", 50)]["x_bare"] == pytest.approx(1.2)
+    assert by_case[("ours-srp", 50)]["mlm_speedup"] == pytest.approx(1.2)
+    ray = [{"tokenizer": "shipped", "case": "ours-srp", "workers": 2, "identical": True,
+            "files": ["bin"], "differing": []}]
+    goals = {g["goal"].split(" (")[0]: g for g in bench.evaluate_goals(rows, 50, 5, 1.25, ray)}
+    assert goals["raw <= 1.25 x bare"]["met"]
+    assert not goals["srp >= 1.5 x faster than megatron-lm"]["met"]
     assert goals["ours-raw peak RSS flat"]["met"]
+    assert goals["ours-srp --backend ray: same bytes as local"]["met"]
+    assert goals["ours-srp --backend ray: same bytes as local"]["ratio"] == pytest.approx(0.8)
     report = {"machine": {"date_utc": "d", "cpu_model": "cpu", "cpu_count": 2, "memory_gb": 1,
                           "python": "3", "torch": "t", "megatron-core": "m", "git_commit": "abc",
                           "git_dirty": False},
               "params": {"repeats": 1, "scaling_mb": 5}, "summary": rows,
-              "goals": list(goals.values()), "skipped": ["skipped x"], "tokenizer_check": None}
+              "goals": list(goals.values()), "skipped": ["skipped x"], "ray_checks": ray}
     text = bench.markdown_report(report)
-    assert text.count("| ours-raw | 2 |") == 3  # two table rows and one flatness row
-    assert "| srp >= 0.5 x raw (docs/s) | 2 | 0.40 | NO |" in text and "- skipped x" in text
+    assert text.count("| shipped | ours-raw | 2 |") == 3  # two table rows and one flatness row
+    assert "| 4.8 | 4.8 | 2 | 21 | 400 | - | 1.20 | 1.20 | 2.50 |" in text
+    assert ("| srp >= 1.5 x faster than megatron-lm (wall time) | shipped | 2 | 1.20 | 1.20 | NO |"
+            in text)
+    assert "- skipped x" in text and "ours-srp, 2 workers: bin byte-identical" in text
 
 
 @pytest.mark.slow
@@ -181,5 +246,33 @@ def test_megatron_lm_gives_the_same_token_ids(shared_data: Path, tmp_path: Path)
                              megatron_python=os.environ.get("SRP_MEGATRON_PYTHON"),
                              data_dir=shared_data)
     assert not report["skipped"] and all(r["returncode"] == 0 for r in report["runs"])
-    check = report["tokenizer_check"]
+    (check,) = report["tokenizer_checks"]
     assert check["same_tokens"] and check["identical"] == check["compared"] > 100
+
+
+def test_stage_profile_sorts_samples_into_stages(tmp_path: Path) -> None:
+    from megatron_srp.bench import stage_profile
+
+    proc = 'process 1:"python tools/preprocess_srp.py"'
+    lines = [
+        f"{proc};main (preprocess_srp.py:10);SRPTokenizer.tokenize_batch "
+        "(megatron_srp/tokenizer.py:189) 70",
+        f"{proc};Labeler.label (megatron_srp/data/labeling.py:77);EmbeddedClassifier."
+        "classify (megatron_srp/reflection/classifiers.py:197);SRPTokenizer.encode_batch "
+        "(megatron_srp/tokenizer.py:190) 20",  # a classifier tokenizing again: classification
+        f"{proc};segment_text (megatron_srp/reflection/segment.py:250) 6",
+        f"{proc};<module> (preprocess_srp.py:1);_find_and_load (<frozen importlib._bootstrap>:1)"
+        " 4",
+    ]
+    path = tmp_path / "srp-w1.txt"
+    path.write_text("\n".join(lines) + "\n")
+    counts = stage_profile.stage_samples(path)
+    assert counts == {"tokenization (encode_batch)": 70, "classification": 20,
+                      "segmenting (sentence ends, cuts)": 6,
+                      "start-up (imports, tokenizer and classifier loading)": 4}
+    table = stage_profile.markdown_table([path], rate=10)
+    assert "| tokenization (encode_batch) | 7.0 s (70%) |" in table
+    assert "| total CPU | 10.0 s |" in table
+    path.write_text("not a profile\n")
+    with pytest.raises(ValueError, match="srp-w1.txt:1: not a py-spy raw line"):
+        stage_profile.stage_samples(path)

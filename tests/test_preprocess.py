@@ -318,3 +318,29 @@ def test_preprocess_tool(tmp_path: Path, shared_data: Path, capsys: pytest.Captu
     assert str(tmp_path / "tox") in out and (tmp_path / "tox.meta.json").is_file()
     assert tool["main"](argv) == 2
     assert "output exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vocab", [8192, 70000])
+@pytest.mark.parametrize("count", [0, 1, 37])
+def test_index_writer_matches_megatrons_builder(vocab, count, tmp_path) -> None:
+    """Our .idx writer (no megatron.core import) gives the bytes of Megatron's own builder."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_srp.data.indexed import optimal_dtype, write_index
+
+    dtype = optimal_dtype(vocab)
+    assert dtype == DType.optimal_dtype(vocab)
+    rng = np.random.default_rng(count)
+    docs = [rng.integers(0, min(vocab, 60000), int(n)) for n in rng.integers(1, 500, count)]
+    builder = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=dtype)
+    for doc in docs:
+        builder.add_document(np.asarray(doc), [len(doc)])
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    write_index(tmp_path / "ours.idx", dtype, lengths, np.arange(count + 1))
+    assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "theirs.idx").read_bytes()
+    if not count:
+        return  # Megatron cannot mmap an empty .bin
+    (tmp_path / "ours.bin").write_bytes((tmp_path / "theirs.bin").read_bytes())
+    ds = IndexedDataset(str(tmp_path / "ours"))
+    assert len(ds) == count and all((ds[i] == d).all() for i, d in enumerate(docs))

@@ -3,6 +3,7 @@ resume after a kill, and every kind of bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -244,6 +245,15 @@ def test_ray_backend_gives_identical_datasets(corpus, tok, tmp_path) -> None:
                                     backend="ray", workers=2), tok)
     assert on_ray.summary["backend"] == "ray" and on_ray.summary["shards"] >= 4
     _identical(local, on_ray, variants.split(","))
+    # Same inputs and shards as the pinned reference (test_preprocess_reference.py): Ray's raw
+    # and srp datasets have its digests too.
+    reference = json.loads((REPO_ROOT / "tests" / "data" / "preprocess_reference.json")
+                           .read_text())["runs"]["srp"]
+    for name in ("raw", "srp"):
+        for key in ("bin", "idx", "labels"):
+            path = dataset_paths(on_ray.layout.prefixes[name])[key]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == reference[f"{name}.{key}"], (
+                name, key)
 
 
 def test_resume_after_kill_matches_a_clean_run(corpus, tok, tmp_path) -> None:

@@ -1,12 +1,14 @@
-"""Benchmark preprocessing: documents/s, tokens/s and peak memory of tools/preprocess_srp.py
-(raw, and srp with the embedded classifier) against Megatron-LM's tools/preprocess_data.py on
-the same corpus, tokenizer and worker count.
+"""Benchmark preprocessing: wall time, CPU time and peak memory of tools/preprocess_srp.py
+(raw, and srp with the embedded classifier; local processes or Ray) against bare
+``encode_batch`` tokenization and Megatron-LM's tools/preprocess_data.py on the same corpus,
+tokenizer and worker count.
 
-    python tools/bench_preprocess.py --corpus-mb 50 --workers 1,2 --scaling-mb 5 \\
-        --megatron-lm /path/to/Megatron-LM --work-dir /tmp/srp_bench_preprocess
+    python tools/bench_preprocess.py --corpus-mb 40 --workers 1,2 --scaling-mb 40 \\
+        --tokenizers shipped,bpe-49152 --megatron-lm /path/to/Megatron-LM \\
+        --work-dir /tmp/srp_bench_preprocess
 
 Builds (or reuses) a JSONL corpus from the shared data, runs each case as a subprocess, prints
-a Markdown table and writes report.json and report.md. docs/bench_preprocess_method.md
+one Markdown table and writes report.json and report.md. docs/bench_preprocess_method.md
 describes the method.
 """
 
@@ -20,11 +22,22 @@ import tempfile
 from pathlib import Path
 
 from megatron_srp import cli
-from megatron_srp.bench.preprocess import CASES, build_corpus, markdown_report, run_bench
+from megatron_srp.bench.preprocess import (
+    BPE_49K,
+    CASES,
+    SCALING_CASES,
+    build_corpus,
+    markdown_report,
+    run_bench,
+)
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 @cli.tool_main
@@ -40,8 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per case; the report gives medians (default: %(default)s)")
     parser.add_argument("--scaling-mb", type=float,
-                        help="also measure at S and 10*S MiB and compare peak memory "
-                             "(S = corpus-mb / 10 reuses the main runs)")
+                        help="also measure at S and 10*S MiB (once each) and compare peak "
+                             "memory; S or 10*S equal to --corpus-mb reuses the main runs")
+    parser.add_argument("--scaling-cases", type=_names, default=list(SCALING_CASES),
+                        help="cases measured at the scaling sizes (default: %(default)s)")
+    parser.add_argument("--scaling-workers", type=_ints,
+                        help="worker counts measured at the scaling sizes (default: the "
+                             "largest of --workers)")
+    parser.add_argument("--tokenizers", type=_names, default=["shipped"],
+                        help=f"comma-separated: shipped, {BPE_49K} (a 49,152-entry byte-level "
+                             "BPE trained on the shared data into the work dir when absent) or "
+                             "tokenizer directories; the whole table runs for each (default: "
+                             "shipped)")
     parser.add_argument("--megatron-lm",
                         help="Megatron-LM checkout (its tools/preprocess_data.py is run with "
                              "PYTHONPATH set to it); without it that case is skipped")
@@ -81,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_bench(
             args.work_dir, args.corpus_mb, args.workers,
-            [c.strip() for c in args.cases.split(",") if c.strip()], args.repeats,
-            args.scaling_mb, args.megatron_lm, args.megatron_python, None, args.data_dir,
-            shlex.split(args.ours_args), args.pss_every, args.flat_tolerance, args.timeout,
-            args.report, args.ours_tool)
+            _names(args.cases), args.repeats, args.scaling_mb, args.megatron_lm,
+            args.megatron_python, None, args.data_dir, shlex.split(args.ours_args),
+            args.pss_every, args.flat_tolerance, args.timeout, args.report, args.ours_tool,
+            args.tokenizers, args.scaling_cases, args.scaling_workers)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,35 +1,48 @@
-"""Preprocessing benchmark: our ``tools/preprocess_srp.py`` (raw, srp) against Megatron-LM's
-``tools/preprocess_data.py`` on the same JSONL corpus, tokenizer and worker count.
+"""Preprocessing benchmark: our ``tools/preprocess_srp.py`` (raw, srp; local processes or
+Ray) against Megatron-LM's ``tools/preprocess_data.py`` and bare ``encode_batch`` tokenization
+(:mod:`bare_tokenize`) on the same JSONL corpus, tokenizer and worker count.
 
-Three parts: :func:`build_corpus` (a deterministic corpus of a target size from the shared data),
-:func:`measure` (one subprocess: wall time, CPU time, peak RSS summed over its process tree) and
-:func:`run_bench` / :func:`markdown_report` (cases, repeats, medians, the tokenizer check, goals).
-docs/bench_preprocess_method.md describes the method.
+Parts: :func:`build_corpus` (a deterministic corpus of a target size from the shared data),
+:func:`measure` (one subprocess: wall time, CPU time, peak RSS summed over its process tree),
+:func:`resolve_tokenizers` (the shipped tokenizer, or a larger BPE trained on the shared data)
+and :func:`run_bench` (cases, repeats, the token-id and Ray checks); the report and goals are in
+:mod:`preprocess_report`. docs/bench_preprocess_method.md describes the method.
 """
 
 from __future__ import annotations
 
-import datetime
+import filecmp
 import json
 import os
-import platform
-import re
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import psutil
 
 from megatron_srp.bench.corpus import MB, REPO_ROOT, build_corpus
+from megatron_srp.bench.preprocess_report import (  # noqa: F401 (re-exported)
+    _stdout,
+    evaluate_goals,
+    machine_info,
+    markdown_report,
+    summarize,
+)
 from megatron_srp.units import write_atomic
 
-CASES = ("ours-raw", "ours-srp", "megatron-lm")
+CASES = ("bare", "ours-raw", "ours-srp", "ours-raw-ray", "ours-srp-ray", "megatron-lm")
+DEFAULT_CASES = CASES
+SCALING_CASES = ("ours-raw", "ours-srp")
+# A byte-level BPE of SmolLM2's vocabulary size, trained on the shared data when first needed.
+BPE_49K = "bpe-49152"
+BPE_49K_FILES = ("tinyshakespeare/input.txt", "wikitext2/valid.txt", "wikitext2/test.txt",
+                 "gsm8k/train_sample2000.jsonl", "gsm8k/test.jsonl",
+                 "toxigen/toxigen_statements.jsonl", "alpaca/seed_tasks.jsonl",
+                 "alpaca/alpaca_instructions_noinput_sample2000.json")
 SKIP_NO_MEGATRON = "skipped megatron-lm: no Megatron-LM checkout given (--megatron-lm PATH)"
 
 
@@ -132,77 +145,134 @@ def compare_datasets(ours: str | Path, theirs: str | Path, corpus: str | Path,
     return result
 
 
+
+# ---------------------------------------------------------------- tokenizers -----------------
+
+def resolve_tokenizers(names: Sequence[str], work: Path, data_dir: Optional[str | Path] = None
+                       ) -> dict[str, dict[str, Any]]:
+    """``{name: {"dir", "vocab_size", "fingerprint", "source"}}`` for ``shipped`` (the packaged
+    tokenizer), ``bpe-49152`` (trained into ``<work>/tokenizers/`` on the shared data when
+    absent; the same files always give the same tokenizer) or a directory with tokenizer.json."""
+    from megatron_srp.bench.corpus import default_data_dir
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir, train_bpe_tokenizer
+
+    out = {}
+    for name in names:
+        if name == "shipped":
+            path, source = default_tokenizer_dir(), "the shipped tokenizer"
+        elif name == BPE_49K:
+            path = work / "tokenizers" / BPE_49K
+            data = Path(data_dir) if data_dir else default_data_dir()
+            source = ("trained by the benchmark: python tools/train_tokenizer.py --vocab-size "
+                      f"49152 --min-frequency 1 --data-dir DATA --out-dir DIR --files "
+                      f"{' '.join(BPE_49K_FILES)}")
+            if not (path / "tokenizer.json").is_file():
+                log(f"training the {BPE_49K} tokenizer into {path} ...")
+                train_bpe_tokenizer([data / f for f in BPE_49K_FILES], 49152, path,
+                                    min_frequency=1)
+        else:
+            path, source = Path(name), f"directory {name}"
+            if not (path / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"tokenizer {name!r}: no {path / 'tokenizer.json'} "
+                                        f"(give 'shipped', '{BPE_49K}' or a tokenizer directory)")
+        tok = SRPTokenizer.from_dir(path)
+        out[name] = {"dir": str(Path(path).resolve()), "vocab_size": tok.vocab_size,
+                     "fingerprint": tok.fingerprint, "source": source,
+                     "special_tokens": list(tok.special_tokens)}
+    return out
+
+
 # ---------------------------------------------------------------- cases ----------------------
 
-def _stdout(cmd: Sequence[str], **kwargs: Any) -> str:
-    run = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
-    return run.stdout.strip() if run.returncode == 0 else ""
+def _megatron_env(megatron_lm: Optional[str], megatron_python: str
+                  ) -> tuple[Optional[Path], Optional[dict], Optional[str]]:
+    """(script, environment, None) for a usable Megatron-LM checkout, else (.., .., why not)."""
+    if not megatron_lm:
+        return None, None, SKIP_NO_MEGATRON
+    script = Path(megatron_lm).resolve() / "tools" / "preprocess_data.py"
+    if not script.is_file():
+        return None, None, f"skipped megatron-lm: {script} does not exist"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    code = ("import importlib.util as u; print(' '.join(m for m in ('torch', 'numpy', "
+            "'transformers', 'six', 'triton') if u.find_spec(m) is None) or 'ok')")
+    missing = _stdout([megatron_python, "-c", code], env=env)
+    if missing != "ok":
+        return None, None, (f"skipped megatron-lm: {megatron_python} cannot import "
+                            f"{missing or '(python failed)'} (Megatron-LM's tool needs them)")
+    return script, env, None
 
 
 def plan_cases(cases: Sequence[str], workers: Sequence[int], python: str,
                megatron_lm: Optional[str], megatron_python: str, hf_dir: Path,
-               ours_args: Sequence[str] = (), ours_tool: Optional[str] = None
+               ours_args: Sequence[str] = (), ours_tool: Optional[str] = None,
+               tokenizer: Optional[dict[str, Any]] = None, tokenizer_name: str = "shipped"
                ) -> tuple[list[dict[str, Any]], list[str]]:
     """Case templates (``{input}``/``{out}`` filled per run) and the messages of skipped ones.
 
-    Our CLI is detected from its --help: the multi-variant form (``--output-dir``,
-    ``--variants``, ``--classifier``) runs raw and srp; the older ``--output-prefix`` form
-    runs raw only."""
+    Ours and bare run with ``RAYON_NUM_THREADS`` = workers, so N workers means N cores for the
+    tokenizer too. Ray cases need at least 2 workers (Ray is for scaling out)."""
     tool = str(Path(ours_tool or REPO_ROOT / "tools" / "preprocess_srp.py").resolve())
-    help_text = _stdout([python, tool, "--help"], cwd=REPO_ROOT)
-    new_cli = all(o in help_text for o in ("--output-dir", "--variants", "--classifier"))
+    tok_args = ["--tokenizer", tokenizer["dir"]] if tokenizer else []
     planned, skipped = [], []
+    script = env = None
+    if "megatron-lm" in cases:
+        script, env, why = _megatron_env(megatron_lm, megatron_python)
+        if why:
+            skipped.append(why)
+    if any(c.endswith("-ray") for c in cases) and min(workers) < 2:
+        skipped.append("skipped ray cases at 1 worker (Ray cases run at 2 or more workers)")
     for name in cases:
-        if name == "ours-srp" and not new_cli:
-            skipped.append(f"skipped ours-srp: {tool} has no --output-dir/--variants/"
-                           "--classifier (the multi-variant CLI)")
+        if name == "megatron-lm" and script is None:
             continue
-        if name == "megatron-lm":
-            script = Path(megatron_lm or ".").resolve() / "tools" / "preprocess_data.py"
-            env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
-            code = ("import importlib.util as u; print(' '.join(m for m in ('torch', 'numpy', "
-                    "'transformers', 'six', 'triton') if u.find_spec(m) is None) or 'ok')")
-            missing = None if not script.is_file() else _stdout([megatron_python, "-c", code],
-                                                                 env=env)
-            if not megatron_lm or missing != "ok":
-                skipped.append(SKIP_NO_MEGATRON if not megatron_lm else
-                               f"skipped megatron-lm: {script} does not exist" if missing is None
-                               else f"skipped megatron-lm: {megatron_python} cannot import "
-                               f"{missing or '(python failed)'} (Megatron-LM's tool needs them)")
-                continue
         for n in workers:
+            threads = {**os.environ, "RAYON_NUM_THREADS": str(n)}
+            entry = {"case": name, "workers": n, "tokenizer": tokenizer_name}
             if name == "megatron-lm":
                 cmd = [megatron_python, str(script), "--input", "{input}", "--output-prefix",
                        "{out}/mlm", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
                        str(hf_dir), "--workers", str(n), "--append-eod", "--json-keys", "text"]
-                planned.append({"case": name, "workers": n, "cmd": cmd, "env": env,
-                                "prefix": "{out}/mlm_text_document"})
-                continue
-            variant = name.split("-", 1)[1]
-            cmd = [python, tool, "--input", "{input}", "--workers", str(n), "--overwrite"]
-            cmd += (["--output-dir", "{out}", "--variants", variant] if new_cli
-                    else ["--output-prefix", "{out}/raw"])
-            cmd += ["--classifier", "embedded"] if variant == "srp" else []
-            planned.append({"case": name, "workers": n, "cmd": cmd + list(ours_args),
-                            "env": dict(os.environ), "prefix": "{out}/" + variant})
+                planned.append(entry | {"cmd": cmd, "env": env,
+                                        "prefix": "{out}/mlm_text_document"})
+            elif name == "bare":
+                cmd = [python, "-m", "megatron_srp.bench.bare_tokenize", "--input", "{input}",
+                       "--tokenizer", tokenizer["dir"] if tokenizer else str(hf_dir),
+                       "--threads", str(n), "--counts", "{out}/bare.json"]
+                planned.append(entry | {"cmd": cmd, "env": threads, "prefix": None,
+                                        "counts": "{out}/bare.json"})
+            else:
+                if name.endswith("-ray") and n < 2:
+                    continue
+                variant = name.split("-")[1]
+                cmd = [python, tool, "--input", "{input}", "--workers", str(n), "--overwrite",
+                       "--output-dir", "{out}", "--variants", variant, *tok_args]
+                cmd += ["--classifier", "embedded"] if variant == "srp" else []
+                cmd += ["--backend", "ray"] if name.endswith("-ray") else []
+                planned.append(entry | {"cmd": cmd + list(ours_args), "env": threads,
+                                        "prefix": "{out}/" + variant})
     return planned, skipped
 
 
 def run_case(case: dict[str, Any], corpus: dict[str, Any], out: Path, pss_every: int = 10,
              timeout: Optional[float] = None) -> dict[str, Any]:
     """One measured run of ``case`` on ``corpus`` (``{"path", "mb", "bytes", "documents"}``),
-    writing into a fresh ``out``; documents and tokens are read from the output .idx."""
+    writing into a fresh ``out``; documents and tokens are read from the output .idx (bare
+    tokenization: from its counts file)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     fill = lambda s: s.format(input=corpus["path"], out=out)  # noqa: E731
     run = measure([fill(c) for c in case["cmd"]], out.parent / f"{out.name}.log", case["env"],
-                  REPO_ROOT if case["case"].startswith("ours") else out, pss_every=pss_every,
+                  out if case["case"] == "megatron-lm" else REPO_ROOT, pss_every=pss_every,
                   timeout=timeout)
     run.update(case=case["case"], workers=case["workers"], corpus_mb=corpus["mb"],
-               corpus_bytes=corpus["bytes"], input_documents=corpus["documents"],
-               prefix=fill(case["prefix"]))
+               tokenizer=case.get("tokenizer", "shipped"), corpus_bytes=corpus["bytes"],
+               input_documents=corpus["documents"],
+               prefix=fill(case["prefix"]) if case.get("prefix") else None)
     if run["returncode"] == 0:
-        run["documents"], run["tokens"] = dataset_counts(run["prefix"])
+        if case.get("counts"):
+            counts = json.loads(Path(fill(case["counts"])).read_text())
+            run["documents"], run["tokens"] = counts["documents"], counts["tokens"]
+        else:
+            run["documents"], run["tokens"] = dataset_counts(run["prefix"])
         s = run["seconds"]
         run.update(docs_per_s=corpus["documents"] / s, tokens_per_s=run["tokens"] / s,
                    mb_per_s=corpus["bytes"] / MB / s)
@@ -212,166 +282,61 @@ def run_case(case: dict[str, Any], corpus: dict[str, Any], out: Path, pss_every:
     return run
 
 
-def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (case, workers, corpus): medians over the repeats that succeeded."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["case"], r["workers"], r["corpus_mb"]), []).append(r)
-    rows = []
-    for (case, workers, mb), rs in groups.items():
-        ok = [r for r in rs if r["returncode"] == 0]
-        row: dict[str, Any] = {"case": case, "workers": workers, "corpus_mb": mb,
-                               "repeats": len(rs), "failed": len(rs) - len(ok)}
-        if ok:
-            med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
-            row.update({k: ok[-1][k] for k in ("documents", "tokens", "input_documents")})
-            row.update({k: med(k) for k in ("seconds", "docs_per_s", "tokens_per_s", "mb_per_s",
-                                            "cpu_seconds")})
-            row["peak_rss_mb"] = med("peak_rss_bytes") / MB
-            row["max_processes"] = max(r["max_processes"] for r in ok)
-            row["peak_pss_mb"] = (med("peak_pss_bytes") / MB
-                                  if all(r["peak_pss_bytes"] for r in ok) else None)
-        rows.append(row)
-    return rows
-
-
-def evaluate_goals(rows: Sequence[dict[str, Any]], main_mb: float, scaling_mb: Optional[float],
-                   flat_tolerance: float) -> list[dict[str, Any]]:
-    """The issue's goals per worker count: raw >= Megatron-LM and srp >= raw / 2 in docs/s at
-    ``main_mb``; peak RSS at 10 x ``scaling_mb`` within ``flat_tolerance`` x that at 1 x."""
-    get = {(r["case"], r["workers"], r["corpus_mb"]): r for r in rows if "seconds" in r}
-    goals = []
-    for n in sorted({r["workers"] for r in rows}):
-        raw, srp, mlm = (get.get((c, n, main_mb)) for c in ("ours-raw", "ours-srp", "megatron-lm"))
-        for ok, goal, top, bottom, need in (
-                (raw and mlm, "raw >= megatron-lm (docs/s)", raw, mlm, 1.0),
-                (raw and srp, "srp >= 0.5 x raw (docs/s)", srp, raw, 0.5)):
-            if ok:
-                ratio = top["docs_per_s"] / bottom["docs_per_s"]
-                goals.append({"goal": goal, "workers": n, "ratio": ratio, "met": ratio >= need})
-        for case in CASES:
-            small = get.get((case, n, scaling_mb))
-            big = get.get((case, n, 10 * scaling_mb)) if scaling_mb else None
-            if small and big:
-                ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
-                goals.append({"goal": f"{case} peak RSS flat (x10 corpus: <= {flat_tolerance:g})",
-                              "workers": n, "ratio": ratio, "met": ratio <= flat_tolerance,
-                              "case": case, "small_mb": small["peak_rss_mb"],
-                              "big_mb": big["peak_rss_mb"], "processes": (
-                                  small["max_processes"], big["max_processes"])})
-    return goals
-
-
-# ---------------------------------------------------------------- report ---------------------
-
-def machine_info(megatron_lm: Optional[str]) -> dict[str, Any]:
-    def version(pkg: str) -> Optional[str]:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    git = ["git", "-C", str(REPO_ROOT)]
-    info = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": model.group(1).strip() if model else platform.processor(),
-        "memory_gb": round(psutil.virtual_memory().total / 2 ** 30, 1),
-        "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-        "platform": platform.platform(),
-        **{pkg: version(pkg) for pkg in ("torch", "megatron-core", "tokenizers", "transformers")},
-        "git_commit": _stdout(git + ["rev-parse", "HEAD"]) or None,
-        "git_dirty": bool(_stdout(git + ["status", "--porcelain", "--untracked-files=no"])),
-        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
-    }
-    if megatron_lm:
-        mgit = ["git", "-C", str(megatron_lm)]
-        info["megatron_lm"] = {"path": str(Path(megatron_lm).resolve()),
-                               "commit": _stdout(mgit + ["rev-parse", "HEAD"]) or None,
-                               "describe": _stdout(mgit + ["describe", "--tags"]) or None}
-    return info
-
-
-def markdown_report(report: dict[str, Any]) -> str:
-    m, p = report["machine"], report["params"]
-    mlm = m.get("megatron_lm") or {}
-    lines = [f"# Preprocessing benchmark ({m['date_utc']})", "",
-             f"{m['cpu_model']}, {m['cpu_count']} CPUs, {m['memory_gb']} GB; Python {m['python']}"
-             f", torch {m['torch']}, megatron-core {m['megatron-core']}; commit {m['git_commit']}"
-             f"{' with uncommitted changes' if m['git_dirty'] else ''}"
-             + (f"; Megatron-LM {mlm.get('describe')} ({mlm.get('commit')})" if mlm else "")
-             + ".", "",
-             "| case | workers | corpus MB | docs | tokens | seconds | docs/s | tokens/s | MB/s "
-             "| peak RSS MB | peak PSS MB | CPU s |", "|---" * 12 + "|"]
-    for r in report["summary"]:
-        if "seconds" not in r:
-            lines.append(f"| {r['case']} | {r['workers']} | {r['corpus_mb']:g} | failed "
-                         f"({r['failed']} of {r['repeats']} runs) |" + " |" * 8)
+def compare_backends(local_prefix: str | Path, ray_prefix: str | Path) -> dict[str, Any]:
+    """Byte equality of the .bin, .idx and label sidecar two runs wrote."""
+    files, differing = [], []
+    for ext in (".bin", ".idx", ".labels.jsonl"):
+        a, b = Path(f"{local_prefix}{ext}"), Path(f"{ray_prefix}{ext}")
+        if not a.exists() and not b.exists():
             continue
-        pss = f"{r['peak_pss_mb']:.0f}" if r["peak_pss_mb"] else "-"
-        lines.append(f"| {r['case']} | {r['workers']} | {r['corpus_mb']:g} | {r['documents']} | "
-                     f"{r['tokens']} | {r['seconds']:.1f} | {r['docs_per_s']:.0f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['mb_per_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{pss} | {r['cpu_seconds']:.1f} |")
-    lines += ["", f"Medians of {p['repeats']} run(s). Seconds are wall time of the whole command"
-              " (start-up included). docs/s and MB/s count input documents and bytes; tokens/s "
-              "counts output tokens (from the .idx). Peak RSS/PSS: summed over the process tree."]
-    flat = [g for g in report["goals"] if "small_mb" in g]
-    if report["goals"]:
-        lines += ["", "## Goals", "", "| goal | workers | ratio | met |", "|---|---|---|---|"]
-        lines += [f"| {g['goal']} | {g['workers']} | {g['ratio']:.2f} | "
-                  f"{'yes' if g['met'] else 'NO'} |" for g in report["goals"]]
-    if flat:
-        s = p["scaling_mb"]
-        lines += ["", "## Memory flatness", "", f"| case | workers | peak RSS MB at {s:g} MB | "
-                  f"at {10 * s:g} MB | ratio | processes |", "|---" * 6 + "|"]
-        lines += [f"| {g['case']} | {g['workers']} | {g['small_mb']:.0f} | {g['big_mb']:.0f} | "
-                  f"{g['ratio']:.2f} | {g['processes'][0]} / {g['processes'][1]} |"
-                  for g in flat]
-        if any(a != b for g in flat for a, b in [g["processes"]]):
-            lines += ["", "A row whose process counts differ compares different process trees "
-                      "(e.g. fewer shards than workers in the small corpus), not corpus size."]
-    eq = report.get("tokenizer_check")
-    if eq:
-        lines += ["", "## Same tokenizer", "", f"ours-raw vs megatron-lm ({eq['workers']} "
-                  f"worker(s)): documents {eq['documents_ours']} vs {eq['documents_megatron']}; "
-                  f"of {eq['compared']} compared, {eq['identical']} identical, "
-                  f"{eq['differing_explained_by_special_tokens']} differ where the text holds a "
-                  f"literal special-token string (ours strips it), {eq['differing_unexplained']}"
-                  f" differ otherwise -> {'same' if eq['same_tokens'] else 'DIFFERENT'} token ids."]
-    if report["skipped"]:
-        lines += ["", "## Skipped", ""] + [f"- {s}" for s in report["skipped"]]
-    return "\n".join(lines) + "\n"
+        files.append(ext.lstrip("."))
+        if not (a.exists() and b.exists() and filecmp.cmp(a, b, shallow=False)):
+            differing.append(ext.lstrip("."))
+    return {"files": files, "differing": differing, "identical": bool(files) and not differing}
 
 
 # ---------------------------------------------------------------- the whole run --------------
 
 def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int] = (1, 2),
-              cases: Sequence[str] = CASES, repeats: int = 1, scaling_mb: Optional[float] = None,
-              megatron_lm: Optional[str] = None, megatron_python: Optional[str] = None,
-              python: Optional[str] = None, data_dir: Optional[str | Path] = None,
-              ours_args: Sequence[str] = (), pss_every: int = 10, flat_tolerance: float = 1.25,
+              cases: Sequence[str] = DEFAULT_CASES, repeats: int = 1,
+              scaling_mb: Optional[float] = None, megatron_lm: Optional[str] = None,
+              megatron_python: Optional[str] = None, python: Optional[str] = None,
+              data_dir: Optional[str | Path] = None, ours_args: Sequence[str] = (),
+              pss_every: int = 10, flat_tolerance: float = 1.25,
               timeout: Optional[float] = None, report_path: Optional[str | Path] = None,
-              ours_tool: Optional[str] = None) -> dict[str, Any]:
-    """Build the corpora, run every case ``repeats`` times (cases interleaved within a repeat),
-    check the tokenizers agree, and write ``report.json`` and ``report.md``."""
-    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
-
+              ours_tool: Optional[str] = None, tokenizers: Sequence[str] = ("shipped",),
+              scaling_cases: Sequence[str] = SCALING_CASES,
+              scaling_workers: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Build the corpora, run every case ``repeats`` times per tokenizer (cases interleaved
+    within a repeat), check token ids against Megatron-LM and Ray's bytes against local, and
+    write ``report.json`` and ``report.md``. The memory-scaling corpora (``scaling_mb`` and
+    10 x that, when not the main corpus) are run once, for the first tokenizer,
+    ``scaling_cases`` and ``scaling_workers`` (default: the largest worker count)."""
     work, python = Path(work_dir), python or sys.executable
     work.mkdir(parents=True, exist_ok=True)
-    if set(cases) - set(CASES):
-        raise ValueError(f"unknown cases {sorted(set(cases) - set(CASES))}; expected some of "
-                         f"{', '.join(CASES)}")
-    hf_dir = write_hf_tokenizer(default_tokenizer_dir(), work / "hf_tokenizer")
-    planned, skipped = plan_cases(cases, workers, python, megatron_lm,
-                                  megatron_python or python, hf_dir, ours_args, ours_tool)
+    for label, given in (("cases", cases), ("scaling cases", scaling_cases)):
+        if set(given) - set(CASES):
+            raise ValueError(f"unknown {label} {sorted(set(given) - set(CASES))}; expected some"
+                             f" of {', '.join(CASES)}")
+    machine = machine_info(megatron_lm)  # before the runs: the commit measured, the load then
+    toks = resolve_tokenizers(tokenizers, work, data_dir)
+    planned, skipped = [], []
+    for name, tok in toks.items():
+        hf_dir = write_hf_tokenizer(tok["dir"], work / "hf_tokenizers" / name)
+        more, why = plan_cases(cases, workers, python, megatron_lm, megatron_python or python,
+                               hf_dir, ours_args, ours_tool, tok, name)
+        planned += more
+        skipped += [s for s in why if s not in skipped]
     for message in skipped:
         log(message)
-    sizes = list(dict.fromkeys([corpus_mb] + ([scaling_mb, 10 * scaling_mb] if scaling_mb else [])))
+    scaling_workers = list(scaling_workers or [max(workers)])
+    scale_sizes = [mb for mb in dict.fromkeys([scaling_mb, 10 * scaling_mb] if scaling_mb
+                                              else []) if mb != corpus_mb]
+    first = next(iter(toks))
+    scale_plan = [c for c in planned if c["tokenizer"] == first and c["case"] in scaling_cases
+                  and c["workers"] in scaling_workers]
     corpora = {}
-    for mb in sizes:
+    for mb in [corpus_mb] + scale_sizes:
         path = work / f"corpus-{mb:g}MB.jsonl"
         log(f"corpus {path} ({mb:g} MB) ...")
         record = build_corpus(path, mb, data_dir)
@@ -380,41 +345,52 @@ def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int
                 pass
         corpora[mb] = {"path": str(path), "mb": mb, "bytes": record["bytes"],
                        "documents": record["documents"], "record": record}
-    plan = [(case, mb) for mb in sizes for case in planned]
+    plan = [(rep, case, corpus_mb) for rep in range(repeats) for case in planned]
+    plan += [(0, case, mb) for mb in scale_sizes for case in scale_plan]
     runs: list[dict[str, Any]] = []
-    for rep in range(repeats):
-        for case, mb in plan:
-            log(f"[{len(runs) + 1}/{len(plan) * repeats}] {case['case']} workers="
-                f"{case['workers']} corpus={mb:g} MB repeat {rep + 1}/{repeats} ...")
-            out = work / "runs" / f"{case['case']}-w{case['workers']}-{mb:g}MB"
-            run = run_case(case, corpora[mb], out, pss_every, timeout) | {"repeat": rep}
-            runs.append(run)
-            log(f"    FAILED: {run['error']}" if run["returncode"] else
-                f"    {run['seconds']:.1f} s, {run['docs_per_s']:.0f} docs/s, "
-                f"{run['tokens_per_s']:.0f} tokens/s, peak RSS {run['peak_rss_bytes'] / MB:.0f} "
-                f"MB, CPU {run['cpu_seconds']:.1f} s")
+    for i, (rep, case, mb) in enumerate(plan):
+        log(f"[{i + 1}/{len(plan)}] {case['tokenizer']} {case['case']} workers={case['workers']} "
+            f"corpus={mb:g} MB repeat {rep + 1} (load {os.getloadavg()[0]:.2f}) ...")
+        out = work / "runs" / f"{case['tokenizer']}-{case['case']}-w{case['workers']}-{mb:g}MB"
+        run = run_case(case, corpora[mb], out, pss_every, timeout) | {"repeat": rep}
+        runs.append(run)
+        log(f"    FAILED: {run['error']}" if run["returncode"] else
+            f"    {run['seconds']:.1f} s, CPU {run['cpu_seconds']:.1f} s, {run['docs_per_s']:.0f}"
+            f" docs/s, {run['tokens_per_s']:.0f} tokens/s, peak RSS "
+            f"{run['peak_rss_bytes'] / MB:.0f} MB")
+    # Each case's last main-corpus repeat left its output on disk: compare them.
+    last = {(r["tokenizer"], r["case"], r["workers"]): r["prefix"] for r in runs
+            if r["returncode"] == 0 and r["corpus_mb"] == corpus_mb and r["repeat"] == repeats - 1}
+    checks, ray_checks = [], []
+    for name, tok in toks.items():
+        common = sorted(n for t, c, n in last if t == name and c == "ours-raw"
+                        and (name, "megatron-lm", n) in last)
+        if common:
+            check = compare_datasets(last[(name, "ours-raw", common[0])],
+                                     last[(name, "megatron-lm", common[0])],
+                                     corpora[corpus_mb]["path"], tok["special_tokens"])
+            checks.append({"tokenizer": name, "workers": common[0], **check})
+            log(f"token-id check ({name}): {check}")
+        for (t, c, n), prefix in sorted(last.items()):
+            if t == name and c.endswith("-ray") and (t, c[:-4], n) in last:
+                check = compare_backends(last[(t, c[:-4], n)], prefix)
+                ray_checks.append({"tokenizer": t, "case": c[:-4], "workers": n, **check})
+                log(f"ray check ({t}, {c[:-4]}, {n} workers): {check}")
     summary = summarize(runs)
     report: dict[str, Any] = {
         "params": {"corpus_mb": corpus_mb, "workers": list(workers), "cases": list(cases),
-                   "repeats": repeats, "scaling_mb": scaling_mb, "ours_args": list(ours_args),
+                   "repeats": repeats, "scaling_mb": scaling_mb, "scaling_repeats": 1,
+                   "scaling_cases": list(scaling_cases), "scaling_workers": scaling_workers,
+                   "tokenizers": list(toks), "ours_args": list(ours_args),
                    "ours_tool": ours_tool or "tools/preprocess_srp.py", "poll_seconds": 0.05,
                    "pss_every_polls": pss_every, "flat_tolerance": flat_tolerance},
-        "machine": machine_info(megatron_lm),
+        "machine": machine | {"load_average_at_end": os.getloadavg()},
+        "tokenizers": toks,
         "corpora": {f"{mb:g}": c["record"] | {"path": c["path"]} for mb, c in corpora.items()},
         "skipped": skipped, "runs": runs, "summary": summary,
-        "goals": evaluate_goals(summary, corpus_mb, scaling_mb, flat_tolerance),
-        "tokenizer_check": None,
+        "goals": evaluate_goals(summary, corpus_mb, scaling_mb, flat_tolerance, ray_checks),
+        "tokenizer_checks": checks, "ray_checks": ray_checks,
     }
-    # Each case's last repeat left its output on disk: compare the two tools' token ids.
-    last = {(r["case"], r["workers"]): r["prefix"] for r in runs if r["returncode"] == 0
-            and r["corpus_mb"] == corpus_mb and r["repeat"] == repeats - 1}
-    common = sorted(n for c, n in last if c == "ours-raw" and ("megatron-lm", n) in last)
-    if common:
-        specials = SRPTokenizer.from_dir(default_tokenizer_dir()).special_tokens
-        check = compare_datasets(last[("ours-raw", common[0])], last[("megatron-lm", common[0])],
-                                 corpora[corpus_mb]["path"], specials)
-        report["tokenizer_check"] = {"workers": common[0], **check}
-        log(f"tokenizer check: {check}")
     report_path = Path(report_path or work / "report.json")
     report_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(report_path, json.dumps(report, indent=2, default=str) + "\n")

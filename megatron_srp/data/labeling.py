@@ -63,7 +63,7 @@ class Labeler:
         if self.classifier is None:
             return [(ClassifiedDocument(d.doc_id, d.text, (), (), d.meta), None) for d in docs]
         encodings = self.tokenizer.encode_batch([d.text for d in docs]) if docs else []
-        segmented = [tuple(self._segmenter.segments(d.text, e.offsets))
+        segmented = [tuple(self._segmenter.segments(d.text, encoding=e))
                      for d, e in zip(docs, encodings)]
         if self.reads_records:
             return [(self._oracle(d, s), e) for d, s, e in zip(docs, segmented, encodings)]

@@ -1,7 +1,7 @@
 """What a preprocessing run leaves on disk, and how shards become the final datasets.
 
-Per variant: ``<prefix>.bin/.idx`` (Megatron's indexed dataset, merged from the shards with
-Megatron's ``IndexedDatasetBuilder``), ``<prefix>.meta.json``, ``<prefix>.labels.jsonl`` (the
+Per variant: ``<prefix>.bin/.idx`` (Megatron's indexed dataset, merged from the shards;
+:mod:`indexed` writes the index in Megatron's format), ``<prefix>.meta.json``, ``<prefix>.labels.jsonl`` (the
 per-segment label sidecar) and ``<prefix>.tokenizer/``. Everything is written under temporary
 names and renamed at the end, ``meta.json`` last: a dataset whose ``meta.json`` exists is
 complete. See docs/data.md for every key of ``meta.json`` and of the sidecar.
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from megatron_srp.data.indexed import write_index
 from megatron_srp.data.shard_worker import shard_name
 
 META_FORMAT_VERSION = 1
@@ -54,28 +54,32 @@ def merge_variant(work_dir: Path, variant: str, shards: Sequence[int], dtype: ty
                   temp: dict[str, Path], with_labels: bool) -> None:
     """Concatenate a variant's shards, in shard order, into ``temp``'s bin/idx (and labels,
     whose shard-local document numbers become dataset-wide)."""
-    builder = IndexedDatasetBuilder(str(temp["bin"]), dtype=dtype)
+    lengths, offset = [], 0
     labels = open(temp["labels"], "w", encoding="utf-8") if with_labels else None
     try:
-        for index in shards:
-            prefix = work_dir / variant / shard_name(index)
-            lengths = np.load(f"{prefix}.lengths.npy")
-            offset = len(builder.document_indices) - 1
-            first = len(builder.sequence_lengths)
-            builder.sequence_lengths.extend(lengths.tolist())
-            builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
-            with open(f"{prefix}.bin", "rb") as shard_bin:
-                shutil.copyfileobj(shard_bin, builder.data_file)
-            if labels is not None:
-                _append_labels(Path(f"{prefix}.labels.jsonl"), offset, labels)
+        with open(temp["bin"], "wb") as data:
+            for index in shards:
+                prefix = work_dir / variant / shard_name(index)
+                lengths.append(np.load(f"{prefix}.lengths.npy"))
+                with open(f"{prefix}.bin", "rb") as shard_bin:
+                    shutil.copyfileobj(shard_bin, data, 1 << 22)
+                if labels is not None:
+                    _append_labels(Path(f"{prefix}.labels.jsonl"), offset, labels)
+                offset += len(lengths[-1])
     finally:
         if labels is not None:
             labels.close()
-    builder.finalize(str(temp["idx"]))
+    sequence_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    write_index(temp["idx"], dtype, sequence_lengths, np.arange(len(sequence_lengths) + 1))
 
 
 def _append_labels(shard_labels: Path, offset: int, out: Any) -> None:
+    """A shard's sidecar with ``dataset_doc`` shifted by ``offset``; the first shard's lines
+    are copied as they are (they were written by the same ``json.dumps``)."""
     with open(shard_labels, encoding="utf-8") as f:
+        if offset == 0:
+            shutil.copyfileobj(f, out, 1 << 22)
+            return
         for line in f:
             record = json.loads(line)
             if record["dataset_doc"] is not None:

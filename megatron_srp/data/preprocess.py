@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType
 from tqdm import tqdm
 
 import megatron_srp
+from megatron_srp.data.indexed import optimal_dtype
 from megatron_srp.data.labeling import Labeler
 from megatron_srp.data.outputs import (
     META_FORMAT_VERSION,
@@ -181,7 +181,7 @@ def run_preprocess(config: PreprocessConfig, tokenizer: SRPTokenizer,
     labeler = Labeler(_classifier(config, variants), config.segment, tokenizer)
     paths = expand_inputs(config.inputs)
     specs = scan_shards(paths, config.reader, config.shard_bytes)
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    dtype = optimal_dtype(tokenizer.vocab_size)
     processor = ShardProcessor(tokenizer, config.reader, tuple(stages), labeler, variants,
                                np.dtype(dtype).name, str(layout.work_dir), config.strict)
     describe = _describe(config, tokenizer, stages, labeler, variants, paths)

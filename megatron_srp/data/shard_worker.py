@@ -56,7 +56,8 @@ def variant_shard_prefix(work_dir: Path, variant: str, index: int) -> Path:
 
 
 class _VariantWriter:
-    """Token ids, lengths and label-sidecar lines of one variant in one shard."""
+    """Token ids, lengths and label-sidecar lines of one variant in one shard. Documents are
+    gathered in one flat id list and written as one array per chunk (:meth:`flush`)."""
 
     def __init__(self, prefix: Path, dtype: np.dtype, with_labels: bool) -> None:
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -67,17 +68,25 @@ class _VariantWriter:
             open(f"{prefix}.labels.jsonl", "w", encoding="utf-8") if with_labels else None)
         self.lengths: list[int] = []
         self.counts: Counter = Counter()
+        self._pending: list[int] = []
 
     def add(self, ids: list[int], eod: int) -> int:
         """Append one document; returns its shard-local number."""
-        array = np.array(ids + [eod], dtype=self.dtype)
-        self.bin.write(array.tobytes(order="C"))
-        self.lengths.append(array.size)
+        self._pending += ids
+        self._pending.append(eod)
+        self.lengths.append(len(ids) + 1)
         self.counts["documents"] += 1
-        self.counts["tokens"] += array.size
+        self.counts["tokens"] += len(ids) + 1
         return len(self.lengths) - 1
 
+    def flush(self) -> None:
+        """Write the pending documents' ids as one array."""
+        if self._pending:
+            self.bin.write(np.array(self._pending, dtype=self.dtype).tobytes(order="C"))
+            self._pending = []
+
     def close(self) -> None:
+        self.flush()
         self.bin.close()
         np.save(f"{self.prefix}.lengths.npy", np.array(self.lengths, dtype=np.int64))
         if self.labels is not None:
@@ -121,6 +130,7 @@ class ShardProcessor:
                 staged = [d for doc in chunk for d in apply_stages(doc, self.stages)]
                 kept = [d for d in staged if d.text.strip()]
                 counts["empty_after_stages"] += len(staged) - len(kept)
+                labelled = []
                 for item, encoding in self.labeler.label(kept):
                     if isinstance(item, Reject):
                         if self.strict:
@@ -128,7 +138,9 @@ class ShardProcessor:
                         on_reject(item)
                         continue
                     _count_labels(item, counts, categories)
-                    self._write_variants(item, encoding, writers)
+                    labelled.append((item, encoding))
+                for variant in self.variants:
+                    self._write_variant(variant, labelled, writers[variant.name])
         for writer in writers.values():
             writer.close()
         result = {
@@ -140,37 +152,48 @@ class ShardProcessor:
         _write_atomic(done_path(work, spec.index), json.dumps(result, sort_keys=True))
         return result
 
-    def _write_variants(self, doc: ClassifiedDocument, source: Any,
-                        writers: dict[str, _VariantWriter]) -> None:
-        """Every variant's output for ``doc``. Outputs built from the input's own tokens are
-        not encoded again (``source`` is the input's encoding): an unchanged text reuses it,
-        and reflections are spliced between the input's segment tokens (:func:`_splice`)."""
+    def _write_variant(self, variant: Variant, labelled: list[tuple[ClassifiedDocument, Any]],
+                       writer: _VariantWriter) -> None:
+        """One variant's output for a chunk of documents. Outputs built from the input's own
+        tokens are not encoded again (the input's encoding, when labelling made one): an
+        unchanged text reuses it, and reflections are spliced between the input's segment
+        tokens (:func:`_splice`). Every other output text of the chunk is encoded in one batch
+        call; without a label sidecar only ids are needed (no offsets)."""
         eod = self.tokenizer.eod
-        source_ids = source.ids if source is not None else None
-        for variant in self.variants:
-            writer = writers[variant.name]
+        planned = []
+        for doc, source in labelled:
             outs = [o for o in variant.intervention(doc) if o.text.strip()]
             writer.counts["documents_without_output"] += 0 if outs else 1
-            tokenized: list[Optional[tuple[list[int], Callable]]] = []
+            source_ids = source.ids if source is not None else None
+            tokenized: list[Optional[tuple[list[int], Optional[Callable]]]] = []
             for out in outs:
                 if source is not None and out.text == doc.text:
                     tokenized.append((source_ids, partial(_token_span, source)))
                 else:
                     tokenized.append(_splice(doc, source_ids, out, self._special_ids))
-            changed = [o.text for o, t in zip(outs, tokenized) if t is None]
-            fresh = iter(self.tokenizer.encode_batch(changed) if changed else [])
+            planned.append((doc, outs, tokenized))
+        changed = [o.text for _, outs, tok in planned for o, t in zip(outs, tok) if t is None]
+        if writer.labels is None:
+            fresh = iter(self.tokenizer.tokenize_batch(changed) if changed else [])
+            for _doc, _outs, tokenized in planned:
+                for done in tokenized:
+                    writer.add(next(fresh) if done is None else done[0], eod)
+            writer.flush()
+            return
+        encodings = iter(self.tokenizer.encode_batch(changed) if changed else [])
+        for doc, outs, tokenized in planned:
             placed: dict[int, tuple[int, Optional[list[int]]]] = {}
             for out, done in zip(outs, tokenized):
                 if done is None:
-                    encoding = next(fresh)
+                    encoding = next(encodings)
                     done = (encoding.ids, partial(_token_span, encoding))
                 ids, token_span = done
                 number = writer.add(ids, eod)
                 for index, span in _segment_spans(out, len(doc.segments)):
                     placed.setdefault(index, (number, None if span is None else token_span(*span)))
-            if writer.labels is not None:
-                writer.labels.write(_sidecar_lines(doc, placed))
-                writer.counts["segments_placed"] += len(placed)
+            writer.labels.write(_sidecar_lines(doc, placed))
+            writer.counts["segments_placed"] += len(placed)
+        writer.flush()
 
     def _special_ids(self, text: str) -> list[int]:
         """Ids of a reflection string (memoised: there are only a few distinct ones)."""

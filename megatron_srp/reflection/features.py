@@ -58,9 +58,10 @@ class TokenNgramFeaturizer:
         return {"dim": self.dim, "ngrams": self.ngrams, "max_tokens": self.max_tokens}
 
     def transform(self, texts: Sequence[str]) -> CSR:
-        """Encode ``texts`` with the tokenizer, then :meth:`transform_ids`."""
-        encodings = self.tokenizer.encode_batch(list(texts)) if len(texts) else []
-        return self.transform_ids([np.asarray(e.ids, dtype=np.int64) for e in encodings])
+        """Encode ``texts`` with the tokenizer (ids only: no offsets are needed), then
+        :meth:`transform_ids`."""
+        ids = self.tokenizer.tokenize_batch(list(texts)) if len(texts) else []
+        return self.transform_ids([np.asarray(row, dtype=np.int64) for row in ids])
 
     def transform_ids(self, rows: Sequence[np.ndarray]) -> CSR:
         """CSR pieces ``(indptr, indices, values)`` for ``len(rows)`` rows of ``dim`` columns:

@@ -22,6 +22,7 @@ docs/srp.md for the measurements) and ``"regex"`` (no extra package).
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -196,40 +197,33 @@ def _token_offsets(text: str, tokenizer: Any) -> list[tuple[int, int]]:
     return hf.encode(text, add_special_tokens=False).offsets
 
 
-class _Starts(Sequence):
-    """``starts[i]``: the first character of token ``i`` (a view, for bisect; building the
-    whole list for every document cost more than the few lookups a document needs)."""
-
-    def __init__(self, offsets: Sequence[tuple[int, int]]) -> None:
-        self.offsets = offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.offsets[i][0]
-
-
-class _Clean(_Starts):
-    """``clean[i]``: a cut before token ``i`` is clean, i.e. token ``i`` starts where the tokens
-    before it end (byte-level pieces of one multi-byte character share its span)."""
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return i > 0 and self.offsets[i][0] >= self.offsets[i - 1][1]
+def _token_tables(offsets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, clean, next_clean) as arrays: ``starts[i]`` the first character of token
+    ``i``; ``clean[i]``: a cut before token ``i`` is clean, i.e. token ``i`` starts where the
+    tokens before it end (byte-level pieces of one multi-byte character share its span);
+    ``next_clean[i]``: the first clean index >= ``i`` (``n`` if none)."""
+    n = len(offsets)
+    flat = itertools.chain.from_iterable(offsets)  # fromiter: about 2x np.asarray on tuples
+    table = np.fromiter(flat, dtype=np.int64, count=2 * n).reshape(n, 2)
+    starts = table[:, 0]
+    clean = np.zeros(n, dtype=bool)
+    clean[1:] = starts[1:] >= table[:-1, 1]
+    candidates = np.where(clean, np.arange(n), n)
+    next_clean = np.minimum.accumulate(candidates[::-1])[::-1]
+    return starts, clean, next_clean
 
 
-def _to_cuts(positions: Sequence[int], starts: Sequence[int], valid: Sequence[bool]
+def _to_cuts(positions: Sequence[int], starts: np.ndarray, next_clean: np.ndarray
              ) -> list[int]:
-    """Token indices of the boundaries at or just after the given character positions."""
+    """Token indices of the clean boundaries at or just after the given character positions
+    (the first token starting at or after each position, moved on to the next clean one)."""
     n = len(starts)
-    cuts = set()
-    for p in positions:
-        i = bisect.bisect_left(starts, p)
-        while 0 < i < n and not valid[i]:
-            i += 1
-        if 0 < i < n:
-            cuts.add(i)
-    return sorted(cuts)
+    if not len(positions):
+        return []
+    i = np.searchsorted(starts, np.asarray(positions, dtype=np.int64), side="left")
+    i = i[(i > 0) & (i < n)]
+    i = next_clean[i]
+    return sorted(set(i[i < n].tolist()))  # np.unique costs more on a few dozen values
 
 
 def _closest(cuts: list[int], lo: int, hi: int, target: int) -> int | None:
@@ -255,36 +249,42 @@ def segment_text(
     config: SegmentConfig | None = None,
     splitter: SentenceSplitter | None = None,
     offsets: Sequence[tuple[int, int]] | None = None,
+    encoding: Any = None,
 ) -> list[Segment]:
     """Cut ``text`` into :class:`Segment`s that cover it exactly, in order.
 
     ``tokenizer`` is an :class:`~megatron_srp.tokenizer.SRPTokenizer` or a
     ``tokenizers.Tokenizer``; ``splitter`` overrides ``config.splitter``. ``offsets`` are the
-    text's token offsets when the caller already encoded it.
+    text's token offsets when the caller already encoded it; or give its ``encoding`` (a
+    ``tokenizers.Encoding``), whose offsets are then only read for a text that is cut
+    (reading them builds a Python tuple per token).
     """
     config = config or SegmentConfig()
     if not text:
         return []
+    if offsets is None and encoding is not None:
+        if len(encoding) <= config.max_tokens:
+            return [Segment(index=0, start=0, end=len(text), text=text, num_tokens=len(encoding))]
+        offsets = encoding.offsets
     if offsets is None:
         offsets = _token_offsets(text, tokenizer)
     n = len(offsets)
     if n <= config.max_tokens:
         return [Segment(index=0, start=0, end=len(text), text=text, num_tokens=n)]
 
-    starts = _Starts(offsets)
-    valid = _Clean(offsets)
+    starts, valid, next_clean = _token_tables(offsets)
     splitter = splitter or get_splitter(config.splitter)
     sentence_like = set(splitter.sentence_ends(text))
     sentence_like.update(m.end() for m in _BLANK_LINE_END.finditer(text))
     tiers = [
-        _to_cuts(sorted(sentence_like), starts, valid),
-        _to_cuts([m.end() for m in _NEWLINE.finditer(text)], starts, valid),
+        _to_cuts(sorted(sentence_like), starts, next_clean),
+        _to_cuts([m.end() for m in _NEWLINE.finditer(text)], starts, next_clean),
     ]
 
     budget, lo, hi = config.segment_tokens, config.min_tokens, config.max_tokens
 
     def word_start(i: int) -> bool:
-        c = starts[i]
+        c = int(starts[i])
         return valid[i] and (text[c : c + 1].isspace() or text[c - 1 : c].isspace())
 
     def choose(pos: int) -> int:
@@ -317,7 +317,7 @@ def segment_text(
     if len(cuts) > 2 and cuts[-1] - cuts[-2] < lo and cuts[-1] - cuts[-3] <= hi:
         del cuts[-2]
 
-    chars = [0] + [starts[c] for c in cuts[1:-1]] + [len(text)]
+    chars = [0] + starts[cuts[1:-1]].tolist() + [len(text)]
     return [
         Segment(index=k, start=chars[k], end=chars[k + 1], text=text[chars[k] : chars[k + 1]],
                 num_tokens=cuts[k + 1] - cuts[k])
@@ -366,11 +366,12 @@ class SegmentStage:
     def __call__(self, doc: Document) -> Iterator[Document]:
         yield replace(doc, meta={**doc.meta, META_KEY: self.segments(doc.text)})
 
-    def segments(self, text: str, offsets: Sequence[tuple[int, int]] | None = None
-                 ) -> list[Segment]:
+    def segments(self, text: str, offsets: Sequence[tuple[int, int]] | None = None,
+                 encoding: Any = None) -> list[Segment]:
         """:func:`segment_text` with this stage's tokenizer, splitter and config."""
         tokenizer, splitter = self._load()
-        return segment_text(text, tokenizer, self.config, splitter=splitter, offsets=offsets)
+        return segment_text(text, tokenizer, self.config, splitter=splitter, offsets=offsets,
+                            encoding=encoding)
 
     def describe(self) -> dict[str, Any]:
         tokenizer, splitter = self._load()
