@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,11 +48,23 @@ def _tokenizer(run: str, shared_data: Path, work: Path) -> SRPTokenizer:
     return SRPTokenizer.from_dir(resolve_tokenizers([BPE_49K], work, shared_data)[BPE_49K]["dir"])
 
 
+def _staged(shared_data: Path) -> Path:
+    """The inputs copied to one fixed folder: document ids (in the sidecars and the tags)
+    carry the input's path, which must not depend on where the checkout's shared data lies."""
+    root = Path(tempfile.gettempdir()) / "srp-preprocess-reference"
+    for name in INPUTS:
+        target = root / name
+        if not target.exists() or target.read_bytes() != (shared_data / name).read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared_data / name, target)
+    return root
+
+
 def _digests(shared_data: Path, out: Path, variants: str, workers: int = 1,
              backend: str = "local", run: str = "srp") -> dict[str, str]:
     """sha256 of every dataset file one run writes, keyed ``<variant>.<bin|idx|labels>``."""
     config = PreprocessConfig(
-        inputs=[str(shared_data / name) for name in INPUTS], output_dir=str(out),
+        inputs=[str(_staged(shared_data) / name) for name in INPUTS], output_dir=str(out),
         variants=parse_variants(variants), reader=ReaderOptions(text_split="wikitext-articles"),
         shard_bytes=300_000, workers=workers, backend=backend, progress=False)
     result = run_preprocess(config, _tokenizer(run, shared_data, out.parent))
