@@ -35,7 +35,7 @@ from megatron_srp.validation import signal_numbers
 STOP_MARKER_ENV = "SRP_STOP_MARKER"
 
 #: The exit status of a run that stopped on a signal or its time budget, after saving
-#: (EX_TEMPFAIL: "try again later"; the sbatch script requeues the job on it).
+#: (EX_TEMPFAIL: "try again later"; under torchrun the sbatch script reads the stop marker).
 EXIT_STOPPED = 75
 
 _PR_SET_PDEATHSIG = 1
@@ -107,7 +107,6 @@ def record_stop(reason: str, iteration: int, checkpoint: Optional[str]) -> Optio
     if not path:
         return None
     marker = Path(path)
-    marker.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(marker, json.dumps({"reason": reason, "iteration": iteration,
                                      "checkpoint": checkpoint}) + "\n")
     return marker
