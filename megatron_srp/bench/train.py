@@ -91,7 +91,7 @@ def benchmark(cfg: ExperimentConfig, warmup_steps: int, timed_steps: int,
             if step >= warmup_steps:
                 times.append(watch.lap())
             loss = stats["loss"]
-        peak = torch.tensor([compat.peak_memory_bytes()], dtype=torch.float64)
+        peak = torch.tensor([compat.peak_memory_bytes()], dtype=torch.float64, device=compat.device())
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if not parallel.is_logging_rank():
             return None

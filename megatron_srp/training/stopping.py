@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_srp import compat
 from megatron_srp.units import write_atomic
 from megatron_srp.validation import signal_numbers
 
@@ -89,10 +90,8 @@ class StopWatch:
         elif self.budget_s is not None and (time.monotonic() - self.started
                                             + seconds_to_next_save > self.budget_s):
             local = 1
-        flag = torch.tensor([local], dtype=torch.int32)
+        flag = torch.tensor([local], dtype=torch.int32, device=compat.device())
         if dist.is_available() and dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         code = int(flag.item())
         if code == 2:
