@@ -137,7 +137,9 @@ class LocalHarmBenchJudge:
 
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"judge model directory {model_dir} does not exist")
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        from megatron_srp import compat
+
+        dev = str(compat.device()) if device == "auto" else device
         dt = {"auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32,
               "bfloat16": torch.bfloat16, "float16": torch.float16,
               "float32": torch.float32}[dtype]
