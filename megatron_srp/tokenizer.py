@@ -21,6 +21,7 @@ import tokenizers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megatron_srp.taxonomy import EOD, PAD, REFLECT_CLOSE, REFLECT_OPEN, SPECIAL_TOKENS, UNSAFE_TAG
+from megatron_srp.token_offsets import byte_length_table, encode_with_offsets
 
 TOKENIZER_FILE = "tokenizer.json"
 SRP_FILE = "srp_tokenizer.json"
@@ -189,9 +190,21 @@ class SRPTokenizer:
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def encode_batch(self, texts: Sequence[str]) -> list[Any]:
-        """The native encodings (ids plus ``char_to_token`` and offsets), for callers that map
-        character spans to token spans."""
+        """Encodings with ids, offsets and ``char_to_token``, for callers that map character
+        spans to token spans. For a byte-level BPE the offsets are derived from the ids
+        (:mod:`megatron_srp.token_offsets`, the same values at the cost of ids alone);
+        otherwise these are the native ``tokenizers`` encodings."""
+        table = self.byte_lengths()
+        if table is not None and hasattr(self._tokenizer, "encode_batch_fast"):
+            return encode_with_offsets(self._tokenizer, table, texts)
         return self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+
+    def byte_lengths(self) -> Any:
+        """UTF-8 bytes per token id (a numpy array), or None where offsets cannot be derived
+        from ids; computed once per process."""
+        if "_byte_lengths" not in self.__dict__:
+            self.__dict__["_byte_lengths"] = byte_length_table(self._tokenizer)
+        return self.__dict__["_byte_lengths"]
 
     def detokenize(self, ids: Iterable[int]) -> str:
         """Text for ``ids`` with special tokens kept, so reflections survive decoding."""

@@ -197,17 +197,26 @@ def _token_offsets(text: str, tokenizer: Any) -> list[tuple[int, int]]:
     return hf.encode(text, add_special_tokens=False).offsets
 
 
+def _offset_arrays(offsets: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of a sequence of ``(start, end)`` tuples, or of an encoding that has
+    them as arrays already (:class:`~megatron_srp.token_offsets.IdsEncoding`)."""
+    if hasattr(offsets, "offset_arrays"):
+        return offsets.offset_arrays()
+    n = len(offsets)
+    flat = itertools.chain.from_iterable(offsets)  # fromiter: about 2x np.asarray on tuples
+    table = np.fromiter(flat, dtype=np.int64, count=2 * n).reshape(n, 2)
+    return table[:, 0], table[:, 1]
+
+
 def _token_tables(offsets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, clean, next_clean) as arrays: ``starts[i]`` the first character of token
     ``i``; ``clean[i]``: a cut before token ``i`` is clean, i.e. token ``i`` starts where the
     tokens before it end (byte-level pieces of one multi-byte character share its span);
     ``next_clean[i]``: the first clean index >= ``i`` (``n`` if none)."""
-    n = len(offsets)
-    flat = itertools.chain.from_iterable(offsets)  # fromiter: about 2x np.asarray on tuples
-    table = np.fromiter(flat, dtype=np.int64, count=2 * n).reshape(n, 2)
-    starts = table[:, 0]
+    starts, ends = _offset_arrays(offsets)
+    n = len(starts)
     clean = np.zeros(n, dtype=bool)
-    clean[1:] = starts[1:] >= table[:-1, 1]
+    clean[1:] = starts[1:] >= ends[:-1]
     candidates = np.where(clean, np.arange(n), n)
     next_clean = np.minimum.accumulate(candidates[::-1])[::-1]
     return starts, clean, next_clean
@@ -256,8 +265,9 @@ def segment_text(
     ``tokenizer`` is an :class:`~megatron_srp.tokenizer.SRPTokenizer` or a
     ``tokenizers.Tokenizer``; ``splitter`` overrides ``config.splitter``. ``offsets`` are the
     text's token offsets when the caller already encoded it; or give its ``encoding`` (a
-    ``tokenizers.Encoding``), whose offsets are then only read for a text that is cut
-    (reading them builds a Python tuple per token).
+    ``tokenizers.Encoding``, whose offsets are then only read for a text that is cut, since
+    reading them builds a Python tuple per token; or an
+    :class:`~megatron_srp.token_offsets.IdsEncoding`, whose offsets are arrays).
     """
     config = config or SegmentConfig()
     if not text:
@@ -265,7 +275,7 @@ def segment_text(
     if offsets is None and encoding is not None:
         if len(encoding) <= config.max_tokens:
             return [Segment(index=0, start=0, end=len(text), text=text, num_tokens=len(encoding))]
-        offsets = encoding.offsets
+        offsets = encoding if hasattr(encoding, "offset_arrays") else encoding.offsets
     if offsets is None:
         offsets = _token_offsets(text, tokenizer)
     n = len(offsets)
