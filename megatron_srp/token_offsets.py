@@ -59,7 +59,7 @@ class IdsEncoding:
     """What preprocessing reads of a ``tokenizers.Encoding`` (``ids``, ``len``, ``offsets``,
     ``char_to_token``), made from ids and the text; offsets are computed on first use."""
 
-    __slots__ = ("ids", "_text", "_table", "_fallback", "_spans")
+    __slots__ = ("ids", "_text", "_table", "_fallback", "_spans", "_array")
 
     def __init__(self, ids: list[int], text: str, table: np.ndarray, fallback: Any) -> None:
         self.ids = ids
@@ -67,6 +67,13 @@ class IdsEncoding:
         self._table = table
         self._fallback = fallback  # text -> tokenizers.Encoding, when the bytes do not add up
         self._spans: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._array: Optional[np.ndarray] = None
+
+    def ids_array(self) -> np.ndarray:
+        """``ids`` as an int64 array (made once)."""
+        if self._array is None:
+            self._array = np.asarray(self.ids, dtype=np.int64)
+        return self._array
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,7 +96,7 @@ class IdsEncoding:
         return i if i < len(starts) and starts[i] <= char else None
 
     def _compute(self) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(self.ids, dtype=np.int64)
+        ids = self.ids_array()
         data = self._text.encode("utf-8")
         if not len(ids):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)

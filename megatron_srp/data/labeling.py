@@ -99,7 +99,8 @@ def _segment_ids(segmented: Sequence[tuple], encodings: Sequence[Any]) -> list[n
     """Each segment's slice of its document's ids (segments tile the document's tokens)."""
     rows = []
     for segments, encoding in zip(segmented, encodings):
-        ids = np.asarray(encoding.ids, dtype=np.int64)
+        ids = (encoding.ids_array() if hasattr(encoding, "ids_array")
+               else np.asarray(encoding.ids, dtype=np.int64))
         bounds = np.cumsum([0] + [seg.num_tokens for seg in segments])
         rows += [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return rows
