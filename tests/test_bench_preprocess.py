@@ -276,3 +276,29 @@ def test_stage_profile_sorts_samples_into_stages(tmp_path: Path) -> None:
     path.write_text("not a profile\n")
     with pytest.raises(ValueError, match="srp-w1.txt:1: not a py-spy raw line"):
         stage_profile.stage_samples(path)
+
+
+def test_a_non_shipped_tokenizer_gets_its_own_classifier_once(shared_data: Path,
+                                                              tmp_path: Path) -> None:
+    """The srp case with another tokenizer runs the embedded classifier trained on that
+    tokenizer's ids, so preprocessing hands it the dataset's ids (no second tokenization)."""
+    from megatron_srp.data.labeling import Labeler
+    from megatron_srp.reflection.classifiers import EmbeddedClassifier
+    from megatron_srp.reflection.segment import SegmentConfig
+    from megatron_srp.tokenizer import train_bpe_tokenizer
+
+    shipped = {"dir": str(default_tokenizer_dir())}
+    assert bench.matched_classifier("shipped", shipped, tmp_path, shared_data) is None
+    small = train_bpe_tokenizer([shared_data / "tinyshakespeare" / "input.txt"], 600,
+                                tmp_path / "bpe600")
+    tok = {"dir": str(tmp_path / "bpe600")}
+    asset = Path(bench.matched_classifier("bpe600", tok, tmp_path, shared_data))
+    stamp = (asset / "weights.npz").stat().st_mtime_ns
+    assert bench.matched_classifier("bpe600", tok, tmp_path, shared_data) == str(asset)
+    assert (asset / "weights.npz").stat().st_mtime_ns == stamp  # not trained again
+    classifier = EmbeddedClassifier(asset)
+    assert classifier.tokenizer_fingerprint == small.fingerprint
+    assert Labeler(classifier, SegmentConfig(), small).reads_token_ids
+    (srp,) = bench.plan_cases(["ours-srp"], [1], sys.executable, None, sys.executable, tmp_path,
+                              tokenizer=tok | {"classifier": str(asset)})[0]
+    assert srp["cmd"][-2:] == ["--classifier-option", f"asset_dir={asset}"]

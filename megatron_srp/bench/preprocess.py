@@ -182,6 +182,31 @@ def resolve_tokenizers(names: Sequence[str], work: Path, data_dir: Optional[str 
     return out
 
 
+def matched_classifier(name: str, tokenizer: dict[str, Any], work: Path,
+                       data_dir: Optional[str | Path] = None) -> Optional[str]:
+    """The embedded classifier's asset directory for datasets built with ``tokenizer``: None
+    (the shipped asset) for the shipped tokenizer, else one trained on the same labelled data
+    with that tokenizer's ids into ``<work>/classifiers/<name>`` (once), as a user with that
+    tokenizer would (``tools/train_classifier.py --tokenizer DIR``). A classifier that shares
+    the dataset's tokenizer reads the ids preprocessing already has; the shipped one would
+    tokenize every segment again."""
+    from megatron_srp.bench.corpus import default_data_dir
+    from megatron_srp.reflection.classifiers import CONFIG_FILE
+    from megatron_srp.reflection.features import TokenNgramFeaturizer
+    from megatron_srp.reflection.train_classifier import train_and_write
+    from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
+
+    if Path(tokenizer["dir"]).resolve() == default_tokenizer_dir().resolve():
+        return None
+    out = work / "classifiers" / Path(name).name
+    if not (out / CONFIG_FILE).is_file():
+        log(f"training the embedded classifier for tokenizer {name} into {out} ...")
+        featurizer = TokenNgramFeaturizer(SRPTokenizer.from_dir(tokenizer["dir"]))
+        train_and_write(Path(data_dir) if data_dir else default_data_dir(), out,
+                        featurizer=featurizer)
+    return str(out.resolve())
+
+
 # ---------------------------------------------------------------- cases ----------------------
 
 def _megatron_env(megatron_lm: Optional[str], megatron_python: str
@@ -246,6 +271,8 @@ def plan_cases(cases: Sequence[str], workers: Sequence[int], python: str,
                 cmd = [python, tool, "--input", "{input}", "--workers", str(n), "--overwrite",
                        "--output-dir", "{out}", "--variants", variant, *tok_args]
                 cmd += ["--classifier", "embedded"] if variant == "srp" else []
+                if variant == "srp" and tokenizer and tokenizer.get("classifier"):
+                    cmd += ["--classifier-option", f"asset_dir={tokenizer['classifier']}"]
                 cmd += ["--backend", "ray"] if name.endswith("-ray") else []
                 planned.append(entry | {"cmd": cmd + list(ours_args), "env": threads,
                                         "prefix": "{out}/" + variant})
@@ -320,6 +347,9 @@ def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int
                              f" of {', '.join(CASES)}")
     machine = machine_info(megatron_lm)  # before the runs: the commit measured, the load then
     toks = resolve_tokenizers(tokenizers, work, data_dir)
+    if any(c.startswith("ours-srp") for c in cases):
+        for name, tok in toks.items():
+            tok["classifier"] = matched_classifier(name, tok, work, data_dir)
     planned, skipped = [], []
     for name, tok in toks.items():
         hf_dir = write_hf_tokenizer(tok["dir"], work / "hf_tokenizers" / name)
