@@ -100,7 +100,7 @@ class IdsEncoding:
         data = self._text.encode("utf-8")
         if not len(ids):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        lengths = self._table[ids]
+        lengths = np.take(self._table, ids)
         ends_b = np.cumsum(lengths)
         if int(ends_b[-1]) != len(data) or int(lengths.min()) <= 0:
             table = np.asarray(self._fallback(self._text).offsets, dtype=np.int64).reshape(-1, 2)

@@ -72,7 +72,7 @@ class TokenNgramFeaturizer:
         ids = np.concatenate(rows) if n else np.zeros(0, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.table)):
             raise ValueError(f"token ids outside the classifier's vocabulary of {len(self.table)}")
-        canon = self.table[ids]
+        canon = np.take(self.table, ids)
         row_of_token = np.repeat(np.arange(n, dtype=np.int64), lengths)
         position = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths,
                                                                     lengths)
@@ -93,7 +93,10 @@ class TokenNgramFeaturizer:
             return np.zeros(n + 1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         cells = np.concatenate(key_rows) * self.dim + (
             np.concatenate(keys).astype(np.int64) & (self.dim - 1))
+        if n * self.dim <= np.iinfo(np.int32).max:
+            cells = cells.astype(np.int32)  # the same values; sorting int32 is about 2x faster
         unique, counts = np.unique(cells, return_counts=True)
+        unique = unique.astype(np.int64)
         row_of = unique // self.dim
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(row_of, minlength=n), out=indptr[1:])
@@ -110,7 +113,8 @@ def sparse_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
     out = np.zeros((n, weights.shape[1]), dtype=np.float64)
     if len(indices) == 0:
         return out
-    contrib = values[:, None] * weights[indices]
+    contrib = np.take(weights, indices, axis=0)  # about 4x faster than weights[indices]
+    contrib *= values[:, None]
     nonempty = indptr[1:] > indptr[:-1]
     out[nonempty] = np.add.reduceat(contrib, indptr[:-1][nonempty], axis=0)
     return out
