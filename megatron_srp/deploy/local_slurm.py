@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 SUBNET = "10.213.77"
 CTLD_PORT, SLURMD_PORT = 16817, 16818
+CRED_EXPIRE_S = 10  # a requeued job starts again about this long after its stop
 TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "ip", "unshare", "nsenter")
 DEBIAN_PACKAGES = ("slurm-wlm", "munge")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -236,7 +237,10 @@ class LocalSlurm:
             f"SlurmctldPort={CTLD_PORT}", f"SlurmdPort={SLURMD_PORT}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire: how long a requeued job waits before it may start again (its old
+            # credential must expire first; 120 s by default). Releasing it earlier by hand
+            # races the revoked credential ("Job credential revoked").
+            f"AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={r / 'ctld'}", f"SlurmdSpoolDir={r / 'spool'}/%n",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd-%n.log'}",
