@@ -96,7 +96,7 @@ class TokenNgramFeaturizer:
         if n * self.dim <= np.iinfo(np.int32).max:
             cells = cells.astype(np.int32)  # the same values; sorting int32 is about 2x faster
         unique, counts = np.unique(cells, return_counts=True)
-        unique = unique.astype(np.int64)
+        unique = unique.astype(np.int64, copy=False)
         row_of = unique // self.dim
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(row_of, minlength=n), out=indptr[1:])
