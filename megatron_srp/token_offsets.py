@@ -105,6 +105,8 @@ class IdsEncoding:
         if int(ends_b[-1]) != len(data) or int(lengths.min()) <= 0:
             table = np.asarray(self._fallback(self._text).offsets, dtype=np.int64).reshape(-1, 2)
             return table[:, 0].copy(), table[:, 1].copy()
+        if len(data) == len(self._text):  # ASCII: byte offsets are character offsets
+            return ends_b - lengths, ends_b
         lead = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80
         char_of_byte = np.cumsum(lead) - 1
         return char_of_byte[ends_b - lengths], char_of_byte[ends_b - 1] + 1

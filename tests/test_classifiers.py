@@ -211,6 +211,37 @@ def test_token_id_input_matches_text_input(embedded, split):
     assert embedded.classify_token_ids(ids) == embedded.classify(texts)
 
 
+def test_labels_are_the_logits_thresholded(embedded, split):
+    """classify() sums the category columns only for segments scored unsafe; its scores and
+    categories must be exactly those of the full logits."""
+    texts = [ex.text for ex in split[1][:600]] + HATEFUL
+    logits = embedded.logits(texts)
+    scores = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+    labels = embedded.classify(texts)
+    assert 20 < sum(not lab.safe for lab in labels) < len(texts) - 20
+    for label, score, row in zip(labels, scores, logits):
+        assert label.score == float(score)
+        assert label.safe == (score < embedded.threshold)
+        expected = None if label.safe else embedded.categories[int(np.argmax(row[1:]))]
+        assert label.category == expected
+
+
+def test_longer_ngrams_stay_inside_their_row(embedded):
+    from megatron_srp.reflection.features import TokenNgramFeaturizer
+
+    feat = TokenNgramFeaturizer(embedded.featurizer.tokenizer, ngrams=3)
+    rows = [np.asarray(e.ids) for e in feat.tokenizer.encode_batch(SHAKESPEARE[:3])]
+    rows.insert(1, rows[0][:2])  # a row shorter than the n-gram
+    together = feat.transform_ids(rows)
+    for i, row in enumerate(rows):
+        alone = feat.transform_ids([row])
+        lo, hi = together[0][i], together[0][i + 1]
+        np.testing.assert_array_equal(together[1][lo:hi], alone[1])
+        np.testing.assert_array_equal(together[2][lo:hi], alone[2])
+    # a 2-token row has 2 unigrams and 1 bigram, no trigram
+    assert together[0][2] - together[0][1] <= 3
+
+
 def test_asset_must_match_its_tokenizer(tmp_path):
     import json
     import shutil

@@ -415,3 +415,52 @@ def test_cli_variants(tmp_path, shared_data, capsys) -> None:
     assert tool["main"](argv) == 2 and "output exists" in capsys.readouterr().err
     assert tool["main"](argv[:-4] + ["--variants", "nope", "--overwrite"]) == 2
     assert "unknown intervention 'nope'" in capsys.readouterr().err
+
+
+def test_sidecar_lines_are_json_dumps_of_each_record():
+    """The sidecar is formatted by hand for speed; it must stay ``json.dumps`` byte for byte,
+    for awkward ids, missing numbers and spans, unparsed labels and non-finite scores."""
+    from megatron_srp.data.shard_worker import _sidecar_lines
+    from megatron_srp.reflection.types import ClassifiedDocument, Segment
+
+    text = "Héllo \"wörld\"\n\tmore text here"
+    segments = (Segment(0, 0, 6, text[:6], 3), Segment(1, 6, 14, text[6:14], 4),
+                Segment(2, 14, len(text), text[14:], 5))
+    labels = (SafetyLabel(True, None, 0.1234567891), SafetyLabel(False, "S10", 1.0),
+              SafetyLabel(True, None, float("nan"), unparsed=True))
+    for doc_id in ('doc "7"\\é\u2028', "plain-3", "tab\there"):
+        doc = ClassifiedDocument(doc_id, text, segments, labels)
+        placed = {0: (5, [0, 3]), 2: (9, None)}
+        expected, cursor = [], 0
+        for seg, label in zip(segments, labels):
+            number, tokens = placed.get(seg.index, (None, None))
+            expected.append(json.dumps({
+                "doc_id": doc_id, "segment": seg.index, "chars": [seg.start, seg.end],
+                "source_tokens": [cursor, cursor + seg.num_tokens],
+                "label": "safe" if label.safe else "unsafe", "category": label.category,
+                "score": round(float(label.score), 6), "dataset_doc": number, "tokens": tokens,
+                **({"unparsed": True} if label.unparsed else {})}, ensure_ascii=False) + "\n")
+            cursor += seg.num_tokens
+        assert _sidecar_lines(doc, placed) == "".join(expected)
+
+
+def test_merged_sidecar_shifts_only_dataset_doc(tmp_path):
+    """Merging rewrites ``dataset_doc`` in place of a parse and re-dump; a document id that
+    spells the key itself must not be touched."""
+    import io
+
+    from megatron_srp.data.outputs import _append_labels
+
+    records = [{"doc_id": doc_id, "segment": 0, "chars": [0, 5], "source_tokens": [0, 2],
+                "label": "safe", "category": None, "score": 0.25, "dataset_doc": number,
+                "tokens": [0, 2]}
+               for doc_id, number in (('a", "dataset_doc": 3, "b', 0), ("plain", None),
+                                      ("ünï\u2028", 41), (', "dataset_doc": 7,', 2))]
+    shard = tmp_path / "shard.labels.jsonl"
+    shard.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                     encoding="utf-8")
+    out = io.StringIO()
+    _append_labels(shard, 100, out)
+    expected = [{**r, "dataset_doc": None if r["dataset_doc"] is None else r["dataset_doc"] + 100}
+                for r in records]
+    assert out.getvalue() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in expected)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -74,17 +75,19 @@ def merge_variant(work_dir: Path, variant: str, shards: Sequence[int], dtype: ty
 
 
 def _append_labels(shard_labels: Path, offset: int, out: Any) -> None:
-    """A shard's sidecar with ``dataset_doc`` shifted by ``offset``; the first shard's lines
-    are copied as they are (they were written by the same ``json.dumps``)."""
+    """A shard's sidecar with ``dataset_doc`` shifted by ``offset`` (the lines are otherwise
+    what the shard wrote, ``json.dumps`` formatting: only that number is rewritten)."""
     with open(shard_labels, encoding="utf-8") as f:
         if offset == 0:
             shutil.copyfileobj(f, out, 1 << 22)
             return
-        for line in f:
-            record = json.loads(line)
-            if record["dataset_doc"] is not None:
-                record["dataset_doc"] += offset
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # The key is unambiguous: a quote inside the JSON-escaped doc_id is preceded by "\\".
+        while lines := f.readlines(1 << 22):
+            out.write(_DATASET_DOC.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset},",
+                                       "".join(lines)))
+
+
+_DATASET_DOC = re.compile(r'(, "dataset_doc": )(\d+),')
 
 
 def config_hash(meta: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ Like ``megatron_srp/documents.py``, this module imports nothing from ``megatron.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -273,19 +274,36 @@ def _token_span(encoding: Any, start: int, end: int) -> Optional[list[int]]:
 
 def _sidecar_lines(doc: ClassifiedDocument, placed: dict[int, tuple[int, Optional[list[int]]]]
                    ) -> str:
+    """The document's label-sidecar lines: exactly ``json.dumps(record, ensure_ascii=False)``
+    per segment, formatted directly (a dumps call per segment cost 2% of preprocessing)."""
+    head = '{"doc_id": ' + json.dumps(doc.doc_id, ensure_ascii=False) + ', "segment": '
     lines = []
     token_cursor = 0
     for seg, label in zip(doc.segments, doc.labels):
         number, tokens = placed.get(seg.index, (None, None))
-        lines.append(json.dumps({
-            "doc_id": doc.doc_id, "segment": seg.index, "chars": [seg.start, seg.end],
-            "source_tokens": [token_cursor, token_cursor + seg.num_tokens],
-            "label": "safe" if label.safe else "unsafe", "category": label.category,
-            "score": round(float(label.score), 6), "dataset_doc": number, "tokens": tokens,
-            **({"unparsed": True} if label.unparsed else {}),
-        }, ensure_ascii=False))
-        token_cursor += seg.num_tokens
-    return "".join(line + "\n" for line in lines)
+        end = token_cursor + seg.num_tokens
+        lines.append(
+            f'{head}{seg.index}, "chars": [{seg.start}, {seg.end}], "source_tokens": '
+            f'[{token_cursor}, {end}], "label": "{"safe" if label.safe else "unsafe"}", '
+            f'"category": {_json_scalar(label.category)}, '
+            f'"score": {_json_scalar(round(float(label.score), 6))}, '
+            f'"dataset_doc": {_json_scalar(number)}, "tokens": '
+            f'{"null" if tokens is None else f"[{tokens[0]}, {tokens[1]}]"}'
+            f'{_UNPARSED if label.unparsed else ""}}}\n')
+        token_cursor = end
+    return "".join(lines)
+
+
+_UNPARSED = ', "unparsed": true'
+
+
+def _json_scalar(value: Any) -> str:
+    """``json.dumps(value, ensure_ascii=False)`` for None, an int, a str or a float."""
+    if value is None:
+        return "null"
+    if type(value) is int or (type(value) is float and math.isfinite(value)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _count_labels(doc: ClassifiedDocument, counts: Counter, categories: Counter) -> None:

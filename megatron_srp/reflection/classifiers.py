@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from megatron_srp.reflection.features import TokenNgramFeaturizer, sparse_matmul
+from megatron_srp.reflection.features import TokenNgramFeaturizer, csr_rows, sparse_matmul
 from megatron_srp.reflection.types import SafetyLabel
 from megatron_srp.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 
@@ -193,22 +193,30 @@ class EmbeddedClassifier:
     def classify(self, texts: Sequence[str]) -> list[SafetyLabel]:
         if isinstance(texts, str):
             raise TypeError("classify takes a sequence of texts, not one string")
-        return self._labels(self.logits(list(texts)))
+        return self._labels(list(texts), self.featurizer.transform)
 
     def classify_token_ids(self, rows: Sequence[np.ndarray]) -> list[SafetyLabel]:
         """:meth:`classify` for segments given as token ids of ``tokenizer_fingerprint``'s
         tokenizer (for a segment cut from a longer text: its slice of the text's ids)."""
-        return self._labels(self.token_id_logits(rows))
+        return self._labels(rows, self.featurizer.transform_ids)
 
-    def _labels(self, logits: np.ndarray) -> list[SafetyLabel]:
-        scores = 1.0 / (1.0 + np.exp(-logits[:, 0]))
-        best = np.argmax(logits[:, 1:], axis=1)
+    def _labels(self, items: Sequence, transform: Callable) -> list[SafetyLabel]:
+        """Scores from the unsafe column for every item; the category columns only for the
+        items scored unsafe (each column is its own sum: the values :meth:`logits` gives)."""
         labels = []
-        for score, cat in zip(scores, best):
-            unsafe = score >= self.threshold
-            labels.append(SafetyLabel(safe=not unsafe,
-                                      category=self.categories[cat] if unsafe else None,
-                                      score=float(score)))
+        for start in range(0, len(items), self.batch_size):
+            indptr, indices, values = transform(items[start:start + self.batch_size])
+            unsafe = sparse_matmul(indptr, indices, values, self.weights[:, :1])[:, 0]
+            scores = 1.0 / (1.0 + np.exp(-(unsafe + self.bias[0])))
+            flagged = np.flatnonzero(scores >= self.threshold)
+            category = np.zeros(len(scores), dtype=np.int64)
+            if len(flagged):
+                logits = sparse_matmul(*csr_rows(indptr, indices, values, flagged), self.weights)
+                category[flagged] = np.argmax(logits[:, 1:] + self.bias[1:], axis=1)
+            for score, cat in zip(scores.tolist(), category.tolist()):
+                flag = score >= self.threshold
+                labels.append(SafetyLabel(safe=not flag, score=score,
+                                          category=self.categories[cat] if flag else None))
         return labels
 
     def describe(self) -> dict[str, Any]:

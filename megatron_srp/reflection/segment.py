@@ -143,13 +143,15 @@ class BlingfireSplitter:
         if n < len(out):
             out[n] = b"\0"  # the buffer is reused: never read a longer earlier output
         count = out.value.count(b"\n") + 1
-        lead = np.frombuffer(data, dtype=np.uint8) & 0xC0 != 0x80
-        char_at = np.concatenate(([0], np.cumsum(lead)))  # char index of each byte offset
         b = np.frombuffer(starts, dtype=np.int32, count=count)
         e = np.frombuffer(ends, dtype=np.int32, count=count) + 1
         if b.min(initial=0) < 0 or e.max(initial=0) > len(data):
             return []
-        return list(zip(char_at[b].tolist(), char_at[e].tolist()))
+        if len(data) != len(text):  # not ASCII: byte offsets -> character offsets
+            lead = np.frombuffer(data, dtype=np.uint8) & 0xC0 != 0x80
+            char_at = np.concatenate(([0], np.cumsum(lead)))  # char index of each byte offset
+            b, e = char_at[b], char_at[e]
+        return list(zip(b.tolist(), e.tolist()))
 
     def _buffers(self, size: int) -> tuple[Any, Any, Any]:
         """Output text, start and end buffers of at least ``size`` entries, grown by doubling
