@@ -222,3 +222,30 @@ def test_blingfire_spans_match_the_wrapper(wiki_docs, shakespeare):
              "Café au lait — naïve façade. Ça va? Ünïcödé ends here.", "Done."]
     for text in texts:
         assert splitter.sentence_spans(text) == blingfire.text_to_sentences_and_offsets(text)[1]
+
+
+@pytest.mark.skipif(not _have_blingfire(), reason="blingfire is not installed")
+def test_blingfire_sentence_ends_trim_trailing_whitespace(wiki_docs, shakespeare):
+    """Sentence ends are blingfire's span ends moved back over whitespace: checked against a
+    plain loop over blingfire's own spans, on ASCII and non-ASCII texts (the two paths)."""
+    import blingfire
+
+    def expected(text: str) -> list[int]:
+        if not text.strip():
+            return []
+        ends = []
+        for start, end in blingfire.text_to_sentences_and_offsets(text)[1]:
+            if 0 <= start < end <= len(text):
+                while end > start and text[end - 1].isspace():
+                    end -= 1
+                ends.append(end)
+        return ends
+
+    splitter = get_splitter("blingfire")
+    texts = [shakespeare[:100_000], *wiki_docs, "Trailing tab.\t Next one\u3000 ends here.\u3000",
+             "Café au lait — naïve façade.\u2003 Ça va?\u00a0 Ünïcödé ends here. ", " \n\t ", "",
+             "An ASCII text that ends in tabs\t\t", "A line\t\x0bthen another. And more.\r\n"]
+    for text in texts:
+        assert splitter.sentence_ends(text) == expected(text), text[:80]
+    assert any(expected(t) != [e for _, e in blingfire.text_to_sentences_and_offsets(t)[1]]
+               for t in texts if t.strip())  # some span really ended in whitespace
