@@ -418,7 +418,8 @@ def run_bench(work_dir: str | Path, corpus_mb: float = 50, workers: Sequence[int
         "tokenizers": toks,
         "corpora": {f"{mb:g}": c["record"] | {"path": c["path"]} for mb, c in corpora.items()},
         "skipped": skipped, "runs": runs, "summary": summary,
-        "goals": evaluate_goals(summary, corpus_mb, scaling_mb, flat_tolerance, ray_checks),
+        "goals": evaluate_goals(summary, corpus_mb, scaling_mb, flat_tolerance, ray_checks,
+                                runs),
         "tokenizer_checks": checks, "ray_checks": ray_checks,
     }
     report_path = Path(report_path or work / "report.json")
