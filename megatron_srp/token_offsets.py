@@ -105,11 +105,21 @@ class IdsEncoding:
         if int(ends_b[-1]) != len(data) or int(lengths.min()) <= 0:
             table = np.asarray(self._fallback(self._text).offsets, dtype=np.int64).reshape(-1, 2)
             return table[:, 0].copy(), table[:, 1].copy()
-        if len(data) == len(self._text):  # ASCII: byte offsets are character offsets
-            return ends_b - lengths, ends_b
-        lead = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80
-        char_of_byte = np.cumsum(lead) - 1
-        return char_of_byte[ends_b - lengths], char_of_byte[ends_b - 1] + 1
+        return char_spans(self._text, data, ends_b - lengths, ends_b)
+
+
+def char_spans(text: str, data: bytes, starts: np.ndarray, ends: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Character spans of the byte spans ``[starts, ends)`` of ``data``, ``text``'s UTF-8 (every
+    end at least 1): from the character holding the first byte to just past the one holding the
+    last, as ``tokenizers`` reports a token that is part of a character. For ASCII text the
+    byte offsets are the character offsets."""
+    if len(data) == len(text):
+        return starts, ends
+    lead = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80
+    # characters begun up to and including each byte; one past the end counts one more
+    through = np.cumsum(np.append(lead, True))
+    return through[starts] - 1, through[ends - 1]
 
 
 def encode_with_offsets(tokenizer: Any, table: np.ndarray, texts: Sequence[str]

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from megatron_srp.reflection.features import TokenNgramFeaturizer, csr_rows, sparse_matmul
+from megatron_srp.reflection.features import CSR, TokenNgramFeaturizer, csr_rows, sparse_matmul
 from megatron_srp.reflection.types import SafetyLabel
 from megatron_srp.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 
@@ -182,9 +182,14 @@ class EmbeddedClassifier:
         return self._logits(rows, self.featurizer.transform_ids)
 
     def _logits(self, items: Sequence, transform: Callable) -> np.ndarray:
-        out = [sparse_matmul(*transform(items[start:start + self.batch_size]), self.weights)
-               + self.bias for start in range(0, len(items), self.batch_size)]
+        out = [sparse_matmul(*csr, self.weights) + self.bias
+               for csr in self._batches(items, transform)]
         return np.concatenate(out) if out else np.zeros((0, 1 + len(self.categories)))
+
+    def _batches(self, items: Sequence, transform: Callable) -> Iterator[CSR]:
+        """The features of ``items``, ``batch_size`` rows at a time."""
+        for start in range(0, len(items), self.batch_size):
+            yield transform(items[start:start + self.batch_size])
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """P(unsafe) per text."""
@@ -204,19 +209,18 @@ class EmbeddedClassifier:
         """Scores from the unsafe column for every item; the category columns only for the
         items scored unsafe (each column is its own sum: the values :meth:`logits` gives)."""
         labels = []
-        for start in range(0, len(items), self.batch_size):
-            indptr, indices, values = transform(items[start:start + self.batch_size])
-            unsafe = sparse_matmul(indptr, indices, values, self.weights[:, :1])[:, 0]
-            scores = 1.0 / (1.0 + np.exp(-(unsafe + self.bias[0])))
-            flagged = np.flatnonzero(scores >= self.threshold)
+        for csr in self._batches(items, transform):
+            unsafe_logit = sparse_matmul(*csr, self.weights[:, :1])[:, 0]
+            scores = 1.0 / (1.0 + np.exp(-(unsafe_logit + self.bias[0])))
+            unsafe = scores >= self.threshold
             category = np.zeros(len(scores), dtype=np.int64)
-            if len(flagged):
-                logits = sparse_matmul(*csr_rows(indptr, indices, values, flagged), self.weights)
-                category[flagged] = np.argmax(logits[:, 1:] + self.bias[1:], axis=1)
-            for score, cat in zip(scores.tolist(), category.tolist()):
-                flag = score >= self.threshold
-                labels.append(SafetyLabel(safe=not flag, score=score,
-                                          category=self.categories[cat] if flag else None))
+            if unsafe.any():
+                logits = sparse_matmul(*csr_rows(*csr, np.flatnonzero(unsafe)), self.weights)
+                category[unsafe] = np.argmax(logits[:, 1:] + self.bias[1:], axis=1)
+            labels += [SafetyLabel(safe=not flag, score=score,
+                                   category=self.categories[cat] if flag else None)
+                       for score, flag, cat in zip(scores.tolist(), unsafe.tolist(),
+                                                   category.tolist())]
         return labels
 
     def describe(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from megatron_srp.documents import Document
 from megatron_srp.reflection.types import Segment
+from megatron_srp.token_offsets import char_spans
 
 SPLITTERS = ("blingfire", "regex")
 DEFAULT_SPLITTER = "blingfire"
@@ -145,12 +146,9 @@ class BlingfireSplitter:
         count = out.value.count(b"\n") + 1
         b = np.frombuffer(starts, dtype=np.int32, count=count)
         e = np.frombuffer(ends, dtype=np.int32, count=count) + 1
-        if b.min(initial=0) < 0 or e.max(initial=0) > len(data):
+        if b.min(initial=0) < 0 or e.min(initial=1) < 1 or e.max(initial=0) > len(data):
             return []
-        if len(data) != len(text):  # not ASCII: byte offsets -> character offsets
-            lead = np.frombuffer(data, dtype=np.uint8) & 0xC0 != 0x80
-            char_at = np.concatenate(([0], np.cumsum(lead)))  # char index of each byte offset
-            b, e = char_at[b], char_at[e]
+        b, e = char_spans(text, data, b, e)
         return list(zip(b.tolist(), e.tolist()))
 
     def _buffers(self, size: int) -> tuple[Any, Any, Any]:
