@@ -13,10 +13,17 @@ model opens by itself is read the same way.
 A safety monitor fails closed: a reflection that is malformed (no Safe / Unsafe label), or that
 was due but could not be read (the context window ran out first), counts as Unsafe and the user
 gets the refusal. ``GuardConfig(fail_open=True)`` lets such answers through instead; reports
-name which of the two a run used.
+name which of the two a run used. Every refusal records its cause (``unsafe``, ``malformed``,
+``unread``), so a report can tell the monitor's refusals from the fail-closed ones.
 
-All rows of a batch advance one position per step behind one KV cache: a row that is
-reflecting is fed its forced opener or its greedy label token while the others sample.
+An answer never depends on the other prompts of its batch. All rows advance one position per
+step behind one KV cache, left-padded to the longest prompt; a row that is reflecting is fed its
+forced opener or its greedy label token while the others sample. The model's window bounds
+each row's *own* tokens (prompt, answer, reflections), never the padded width: the cache is
+sized so that the shortest prompt still has its whole window. Before decoding, a row whose
+window cannot hold ``max_new_tokens`` plus the most its reflections can take is given a
+smaller answer budget, recorded in its result (``answer_budget``); it is not refused afterwards
+for lack of room.
 """
 from __future__ import annotations
 
@@ -26,8 +33,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron_srp.inference.kv_cache import KVCache, left_pad
-from megatron_srp.inference.results import (SAFE_COMPLETION, GenerationResult,
-                                               prepare_prompts)
+from megatron_srp.inference.results import (REFUSAL_CAUSES, SAFE_COMPLETION,
+                                               GenerationResult, prepare_prompts)
 from megatron_srp.inference.sample import (GenerationConfig, _decode_continuation, _device_of,
                                            _next_tokens, _row_generator)
 from megatron_srp.taxonomy import (DEFAULT_TAXONOMY, REFLECT_CLOSE, REFLECT_OPEN, Taxonomy,
@@ -61,10 +68,21 @@ class GuardConfig:
     def max_new_tokens(self) -> int:
         return self.sampling.max_new_tokens
 
-    def reflection_budget(self) -> int:
-        """Positions the reflections of one answer may take at most."""
+    def reflection_budget(self, answer_tokens: Optional[int] = None) -> int:
+        """Positions the reflections of an answer of ``answer_tokens`` (default
+        ``max_new_tokens``) may take at most: one at each boundary and one at the end, each an
+        opener, a label and a closer."""
+        n = self.max_new_tokens if answer_tokens is None else answer_tokens
         every = self.segment_tokens if self.boundary == "budget" else self.min_sentence_tokens
-        return (self.max_new_tokens // every + 1) * (self.max_label_tokens + 2)
+        return (n // every + 1) * (self.max_label_tokens + 2)
+
+    def answer_budget(self, prompt_tokens: int, window: int) -> int:
+        """The most answer tokens a prompt of ``prompt_tokens`` can be given so that the answer
+        and its reflections fit the ``window`` with it (``max_new_tokens`` when they fit)."""
+        n = self.max_new_tokens
+        while n > 0 and prompt_tokens + n + self.reflection_budget(n) > window:
+            n -= 1
+        return n
 
 
 @dataclass
@@ -105,6 +123,9 @@ def _parse(tokenizer: SRPTokenizer, label_ids: list[int],
 @dataclass
 class _Row:
     prompt: list[int]
+    budget: int                       # answer tokens this row may take (its window's share)
+    room: int                         # positions its window has after the prompt
+    fed: int = 0                      # positions fed after the prompt (answer + reflections)
     out: list[int] = field(default_factory=list)
     mode: str = "text"                # text | open (feed the opener next) | label
     since: int = 0                    # answer tokens since the last reflection
@@ -132,12 +153,32 @@ def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
     gen = cfg.sampling
     window = int(model.max_sequence_length)
     contexts = prepare_prompts(tokenizer, prompt_ids, gen.max_new_tokens, window)
+    rows = [_Row(prompt=c, budget=cfg.answer_budget(len(c), window), room=window - len(c))
+            for c in contexts]
+    for row in rows:
+        if row.budget == 0:  # no room for any answer with its reflection: an empty answer
+            _finish(row, tokenizer, "length")
+    live = [i for i, row in enumerate(rows) if row.result is None]
+    if live:
+        _decode_rows(model, tokenizer, rows, live, cfg, ids, taxonomy)
+    for row in rows:
+        if row.result is None:
+            _unchecked(row, tokenizer, cfg)
+        if row.budget < cfg.max_new_tokens:
+            row.result.answer_budget = row.budget
+    return [row.result for row in rows]
+
+
+def _decode_rows(model, tokenizer: SRPTokenizer, rows: list[_Row], live: list[int],
+                 cfg: GuardConfig, ids: _Ids, taxonomy: Taxonomy) -> None:
+    """Decode the ``live`` rows together until each has its result. The cache holds the
+    padded width plus the largest window share, so no row runs out of room before its own
+    window does."""
+    gen = cfg.sampling
     dev = _device_of(model)
-    tokens, padding = left_pad(contexts, tokenizer.pad, dev)
-    capacity = min(window, tokens.size(1) + gen.max_new_tokens + cfg.reflection_budget())
-    cache = KVCache(model, tokenizer.vocab_size, max(capacity, tokens.size(1) + 1))
-    rows = [_Row(prompt=c) for c in contexts]
-    live = list(range(len(rows)))
+    tokens, padding = left_pad([rows[r].prompt for r in live], tokenizer.pad, dev)
+    capacity = tokens.size(1) + max(rows[r].room for r in live)
+    cache = KVCache(model, tokenizer.vocab_size, capacity)
     generators = [_row_generator(gen.seed, i, dev) for i in range(len(rows))]
     was_training = model.training
     model.eval()
@@ -148,15 +189,17 @@ def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             drawn = _next_tokens(logits, gen, [generators[r] for r in live], active).tolist()
             feed, keep = [], []
             for j, r in enumerate(live):
-                tok = _advance(rows[r], drawn[j], tokenizer, ids, cfg, taxonomy)
-                if tok is not None:
-                    feed.append(tok)
-                    keep.append(j)
+                row = rows[r]
+                tok = _advance(row, drawn[j], tokenizer, ids, cfg, taxonomy)
+                if tok is None:
+                    continue
+                if row.fed >= row.room:  # this row's window is full: what is due goes unread
+                    _unchecked(row, tokenizer, cfg)
+                    continue
+                row.fed += 1
+                feed.append(tok)
+                keep.append(j)
             if not keep:
-                break
-            if cache.length >= cache.max_length:
-                for j in keep:  # out of room: what is left cannot be checked
-                    _unchecked(rows[live[j]], tokenizer, cfg)
                 break
             if len(keep) < len(live):
                 cache.select(keep)
@@ -164,10 +207,6 @@ def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             logits = cache.extend(torch.tensor(feed, device=dev).unsqueeze(1))
     finally:
         model.train(was_training)
-    for row in rows:
-        if row.result is None:
-            _unchecked(row, tokenizer, cfg)
-    return [row.result for row in rows]
 
 
 def _advance(row: _Row, drawn: int, tokenizer: SRPTokenizer, ids: _Ids, cfg: GuardConfig,
@@ -183,7 +222,8 @@ def _advance(row: _Row, drawn: int, tokenizer: SRPTokenizer, ids: _Ids, cfg: Gua
         verdict = _parse(tokenizer, row.label, taxonomy)
         row.reflections.append({"after_tokens": len(row.out), **verdict.to_dict()})
         if verdict.safe is False or (verdict.safe is None and not cfg.fail_open):
-            _refuse(row, cfg, verdict.category)
+            _refuse(row, cfg, verdict.category, "unsafe" if verdict.safe is False
+                    else "malformed")
             return None
         if row.ending is not None:
             _finish(row, tokenizer, row.ending)
@@ -198,7 +238,7 @@ def _advance(row: _Row, drawn: int, tokenizer: SRPTokenizer, ids: _Ids, cfg: Gua
         return _end(row, tokenizer, "eod", ids)
     row.out.append(drawn)
     row.since += 1
-    if len(row.out) >= cfg.max_new_tokens:
+    if len(row.out) >= row.budget:
         row.ending, row.mode = "length", "open"
     elif _at_boundary(row, tokenizer.detokenize([drawn]), cfg):
         row.mode = "open"
@@ -214,10 +254,10 @@ def _end(row: _Row, tokenizer: SRPTokenizer, how: str, ids: _Ids) -> Optional[in
     return ids.open
 
 
-def _refuse(row: _Row, cfg: GuardConfig, category: Optional[str]) -> None:
+def _refuse(row: _Row, cfg: GuardConfig, category: Optional[str], cause: str) -> None:
     row.result = GenerationResult(ids=row.out, text=cfg.refusal, finish="reflection",
                                   short_circuited=True, category=category,
-                                  reflections=row.reflections)
+                                  reflections=row.reflections, refusal_cause=cause)
 
 
 def _unchecked(row: _Row, tokenizer: SRPTokenizer, cfg: GuardConfig) -> None:
@@ -229,7 +269,7 @@ def _unchecked(row: _Row, tokenizer: SRPTokenizer, cfg: GuardConfig) -> None:
         row.reflections.append({"after_tokens": len(row.out), "safe": None, "category": None,
                                 "label": "", "p_unsafe": None, "missing": True})
         if not cfg.fail_open:
-            _refuse(row, cfg, None)
+            _refuse(row, cfg, None, "unread")
             return
     _finish(row, tokenizer, row.ending or "length")
 
@@ -251,8 +291,11 @@ def guard_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
     malformed = sum(1 for r in results for x in r.reflections
                     if x["safe"] is None and not x.get("missing"))
     missing = sum(1 for r in results for x in r.reflections if x.get("missing"))
+    causes = {c: sum(r.refusal_cause == c for r in fired) for c in REFUSAL_CAUSES}
     return {"answers": len(results), "fired": len(fired),
             "fired_rate": len(fired) / len(results) if results else 0.0,
+            "refusals_by_cause": causes,
+            "budget_cut": sum(r.answer_budget is not None for r in results),
             "reflections_read": checks - missing, "malformed_reflections": malformed,
             "missing_reflections": missing,
             "categories": dict(sorted(categories.items()))}

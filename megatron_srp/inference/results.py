@@ -13,6 +13,11 @@ from megatron_srp.tokenizer import SRPTokenizer
 #: What a short-circuited answer says instead of the model's text.
 SAFE_COMPLETION = "I can't help with that."
 
+#: Why a reflection-guarded answer was refused: the model wrote ``Unsafe`` (the monitor
+#: itself), a label that is neither Safe nor Unsafe (fail-closed), or a reflection that was
+#: due but had no room in the row's context window (fail-closed).
+REFUSAL_CAUSES = ("unsafe", "malformed", "unread")
+
 
 @dataclass
 class GenerationResult:
@@ -23,6 +28,11 @@ class GenerationResult:
     fixed safe completion) or ``"reflection"`` (reflection-guarded decoding read Unsafe and
     refused). ``ids`` are the new tokens the model produced (without a terminating token);
     ``text`` is what a user sees.
+
+    Reflection-guarded answers also say why they were refused (``refusal_cause``, one of
+    :data:`REFUSAL_CAUSES`) and, when the row's context window could not hold
+    ``max_new_tokens`` plus its reflections, the smaller budget it was given
+    (``answer_budget``, set before decoding).
     """
 
     ids: list[int]
@@ -32,6 +42,8 @@ class GenerationResult:
     category: Optional[str] = None
     reflections: list[dict[str, Any]] = field(default_factory=list)
     score: Optional[float] = None
+    refusal_cause: Optional[str] = None
+    answer_budget: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
