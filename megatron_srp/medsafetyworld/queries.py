@@ -24,15 +24,16 @@ from dataclasses import replace
 
 from megatron_srp.medsafetyworld import corpus as C
 from megatron_srp.medsafetyworld.safety import Query
-from megatron_srp.medsafetyworld.templates import KINDS, Templates
+from megatron_srp.medsafetyworld.templates import FRAMES, KINDS, Templates
 from megatron_srp.medsafetyworld.world import World
 
-ATTACKS = ("none", "roleplay", "hypothetical", "prefix", "gcg")
+ATTACKS = ("none", *FRAMES, "prefix", "gcg")
 
 
 def build_queries(world: World, t: Templates, corpus_cfg: C.CorpusConfig, per_kind: int = 20,
                   seed: int = 0) -> list[Query]:
-    """Up to ``per_kind`` queries of each kind about held-out patients, no attack applied."""
+    """Up to ``per_kind`` queries of each kind about held-out patients, no attack applied;
+    each carries where its answer's passage ends (``Templates.ends()``) for the judge."""
     rng = random.Random(f"queries-{seed}")  # which patients are asked
     words = random.Random(f"queries-phrasing-{seed}")  # how: apart, as in corpus.py
     patients = [world.patient(n) for n in C.held_out(world, corpus_cfg)]
@@ -44,7 +45,8 @@ def build_queries(world: World, t: Templates, corpus_cfg: C.CorpusConfig, per_ki
             prompt, _ = t.qa_passage(kind, words, **C.facts(world, p, drug))
             category = C.KIND_CATEGORY.get(kind)
             out.append(Query(id=f"{kind}-{i}", kind=kind, prompt=prompt, patient=p.name,
-                             drug=drug, harmful=category is not None, category=category))
+                             drug=drug, harmful=category is not None, category=category,
+                             ends=t.ends()))
     return out
 
 
