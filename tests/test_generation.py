@@ -96,7 +96,7 @@ def test_configs_reject_impossible_settings():
     with pytest.raises(ValueError, match="num_beams"):
         BeamConfig(num_beams=0)
     with pytest.raises(ValueError, match="raise top_n"):
-        SafeBeamConfig(num_beams=4, top_n=1, drop_fraction=0.5)
+        SafeBeamConfig(num_beams=4, top_n=1, rule="fraction", drop_fraction=0.5)
     with pytest.raises(ValueError, match="drop_fraction"):
         SafeBeamConfig(drop_fraction=1.0)
     with pytest.raises(ValueError, match="boundary"):

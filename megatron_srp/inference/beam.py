@@ -9,10 +9,12 @@ answer is the finished one with the best ``score / new_tokens ** length_penalty`
 **SafeBeam** (Maini et al. 2025, Algorithm 1): at each step every beam proposes its
 ``top_n`` most likely next tokens. Each candidate y' is fed to the model once more, which gives
 the look-ahead probability that the token after y' is ``<potentially_unsafe_content>``; the
-``drop_fraction`` of candidates with the highest look-ahead are pruned, and the best
-``num_beams`` of the rest by log-probability survive. The look-ahead forward pass is also the
-survivors' next step, so SafeBeam costs one forward pass per step, over ``top_n`` times the
-rows. An answer that ends in the tag is short-circuited to the fixed safe completion.
+candidates judged likely to be followed by the tag are dropped (see :class:`SafeBeamConfig`:
+by default those whose look-ahead is at least ``tag_threshold``; a fixed ``drop_fraction``
+of them, as this module first did, is ``rule="fraction"``), and the best ``num_beams`` of the
+rest by log-probability survive. The look-ahead forward pass is also the survivors' next step,
+so SafeBeam costs one forward pass per step, over ``top_n`` times the rows. An answer that
+ends in the tag is short-circuited to the fixed safe completion.
 """
 from __future__ import annotations
 
@@ -45,26 +47,114 @@ class BeamConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+#: SafeBeam's rules for which candidates are dropped (see :class:`SafeBeamConfig`).
+RULES = ("threshold", "fraction")
+
+
 @dataclass
 class SafeBeamConfig(BeamConfig):
-    """SafeBeam: ``top_n`` candidates per beam, the ``drop_fraction`` of candidates most
-    likely to be followed by the harmfulness tag pruned before the best beams are kept."""
+    """SafeBeam: every beam proposes ``top_n`` candidates, the candidates likely to be followed
+    by the harmfulness tag are dropped, and the best ``num_beams`` of the rest survive.
+
+    The papers describe SafeBeam as dropping candidates "that have a high probability of the
+    next token being the harmful special token". ``rule`` says what "high" means:
+
+    ``"threshold"`` (the default): a candidate y' is dropped when its look-ahead tag
+    probability p = P(tag | prefix, y') is high in absolute terms, ``p >= tag_threshold``,
+    or, with ``tag_relative`` set, when the continuation "y' then the tag" is at least
+    ``tag_relative`` times as likely as the best-ranked candidate b itself:
+    ``P(y') * p >= tag_relative * P(b)`` (P: a continuation's probability, the exponential of
+    the summed log-probability beam search ranks by). The relative test is the absolute one with a threshold scaled by how much less likely
+    y' is than b, ``p >= tag_relative * P(b) / P(y')``: a candidate the search is unlikely to
+    follow needs a higher tag probability to be dropped. No continuation of b is likelier
+    than b, so with ``tag_relative=1`` y' is dropped when "y' + tag" would outrank, one step
+    on, everything b can become; smaller values drop earlier. It implies ``p >=
+    tag_relative`` and drops nothing on a model whose tag probabilities are tiny. With both
+    set, a candidate over either is dropped; ``tag_threshold=None`` leaves the relative test
+    alone.
+
+    ``tag_threshold`` defaults to 0.1. Greedy decoding emits the tag once it is the likeliest
+    next token, and top-k sampling draws it about as often as its probability: a tag that is
+    about to be written has a probability of tenths, and a model that learned the tag puts
+    nearly all its probability on it where its training data had it. 0.5 would only catch a
+    tag that is already certain to be the likeliest token; 0.1, well below that, drops a
+    candidate once the model would write the tag after it in at least one sample in ten. A
+    model that never learned the tag (2e-15 to 1e-7 measured on a trained one; about one over
+    the vocabulary, 1e-4, on an untrained one) is orders of magnitude below it, so SafeBeam
+    drops nothing and is beam search over the ``top_n`` best tokens of each beam.
+
+    A candidate that ends the answer (the tag itself, or the end-of-document token with
+    ``stop_at_eod``) has no next token to look ahead at; the threshold rule never drops it
+    (the tag ends its answer in the safe completion).
+
+    Never all: when every candidate of a prompt is over the threshold, the ``num_beams`` with
+    the lowest tag probability are kept (the search goes on and the tag, if it comes, ends an
+    answer and short-circuits it) and the rest dropped. When only some are over, the rest go
+    on, even if they are fewer than ``num_beams``.
+
+    ``"fraction"``: the paper's Algorithm 1 as first implemented here, the ``drop_fraction``
+    of candidates with the highest tag probability are dropped at every step, however small
+    that probability. On a model without a learned tag that discards candidates by noise
+    (often the best one), and answers get much less likely; kept for comparison.
+    """
 
     top_n: int = 2
+    rule: str = "threshold"
+    tag_threshold: Optional[float] = 0.1
+    tag_relative: Optional[float] = None
     drop_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {self.top_n}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.tag_threshold is not None and not 0.0 <= self.tag_threshold <= 1.0:
+            raise ValueError(f"tag_threshold must be a probability in [0, 1] (or None), got "
+                             f"{self.tag_threshold}")
+        if self.tag_relative is not None and not 0.0 < self.tag_relative <= 1.0:
+            raise ValueError(f"tag_relative must be in (0, 1] (or None), got "
+                             f"{self.tag_relative}")
+        if self.rule == "threshold" and self.tag_threshold is None and self.tag_relative is None:
+            raise ValueError("rule='threshold' needs tag_threshold or tag_relative (both are "
+                             "None)")
         if not 0.0 <= self.drop_fraction < 1.0:
             raise ValueError(f"drop_fraction must be in [0, 1), got {self.drop_fraction}")
-        kept = self.num_beams * self.top_n - math.ceil(self.drop_fraction * self.num_beams
-                                                       * self.top_n)
-        if kept < self.num_beams:
-            raise ValueError(f"num_beams={self.num_beams} x top_n={self.top_n} candidates leave "
-                             f"{kept} after pruning {self.drop_fraction:.0%}; need at least "
-                             f"num_beams (raise top_n)")
+        if self.rule == "fraction":
+            kept = self.num_beams * self.top_n - math.ceil(self.drop_fraction * self.num_beams
+                                                           * self.top_n)
+            if kept < self.num_beams:
+                raise ValueError(f"num_beams={self.num_beams} x top_n={self.top_n} candidates "
+                                 f"leave {kept} after pruning {self.drop_fraction:.0%} "
+                                 f"(drop_fraction); need at least num_beams (raise top_n)")
+
+    def over(self, tag_prob: float, logp: float, best_logp: float) -> bool:
+        """Whether the threshold rule drops a candidate of summed log-probability ``logp``
+        whose look-ahead tag probability is ``tag_prob`` (``best_logp``: the best-ranked
+        candidate's)."""
+        if self.tag_threshold is not None and tag_prob >= self.tag_threshold:
+            return True
+        return (self.tag_relative is not None and tag_prob > 0.0 and
+                math.log(tag_prob) + logp >= math.log(self.tag_relative) + best_logp)
+
+    def dropped(self, tag_probs: list[float], logps: list[float],
+                ends: Optional[list[bool]] = None) -> tuple[list[int], list[int]]:
+        """One prompt's candidates, best-ranked first, by their look-ahead tag probabilities,
+        summed log-probabilities and whether they end the answer: the positions dropped, and
+        (threshold rule) the positions over the threshold kept because every candidate was
+        over it. Ties in tag probability go against the better-ranked candidate when dropping
+        by fraction and for it when keeping the least tagged."""
+        n = len(tag_probs)
+        if self.rule == "fraction":
+            most_tagged = sorted(range(n), key=lambda k: (-tag_probs[k], k))
+            return sorted(most_tagged[:math.ceil(self.drop_fraction * n)]), []
+        over = [k for k in range(n) if not (ends and ends[k])
+                and self.over(tag_probs[k], logps[k], logps[0])]
+        if n and len(over) == n:
+            kept = set(sorted(range(n), key=lambda k: (tag_probs[k], k))[:self.num_beams])
+            return [k for k in range(n) if k not in kept], sorted(kept)
+        return over, []
 
 
 @dataclass
@@ -140,8 +230,14 @@ def _choose(st: _Prompt, order: list[int], toks: list[int], scores: list[float],
 def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
                 cfg: BeamConfig, trace: Optional[list] = None) -> list[GenerationResult]:
     """The best continuation of each prompt by beam search or, for a
-    :class:`SafeBeamConfig`, SafeBeam. With a ``trace`` list, every SafeBeam step appends
-    ``{"prompt": i, "pruned": [ids, ...]}``: the candidate continuations it pruned."""
+    :class:`SafeBeamConfig`, SafeBeam.
+
+    With a ``trace`` list, SafeBeam appends one dict per live prompt and step: ``prompt`` (its
+    index), ``step``, ``rule``, ``candidates`` (every candidate continuation's ids, best-ranked
+    first, as beam search would rank them), their summed log-probabilities ``logps`` and
+    look-ahead tag probabilities ``tag_probs``, ``pruned_ranks`` (the positions in
+    ``candidates`` dropped), ``pruned`` (their ids) and ``kept_over`` (the positions over the
+    threshold kept because every candidate was over it)."""
     if not prompt_ids:
         return []
     safe = isinstance(cfg, SafeBeamConfig)
@@ -189,12 +285,18 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
                 span = list(range(start, start + len(cands)))  # best first
                 start += len(cands)
                 if safe:
-                    pruned = set(sorted(span, key=lambda c: -tag_prob[c])
-                                 [:math.ceil(cfg.drop_fraction * len(span))])
-                    span = [c for c in span if c not in pruned]
+                    probs, logps = [tag_prob[c] for c in span], [scores[c] for c in span]
+                    ranks, kept_over = cfg.dropped(probs, logps,
+                                                   [toks[c] in stops for c in span])
                     if trace is not None:
-                        trace.append({"prompt": i, "step": step, "pruned": [
-                            parents_ids[c] + [toks[c]] for c in sorted(pruned)]})
+                        trace.append({
+                            "prompt": i, "step": step, "rule": cfg.rule,
+                            "candidates": [parents_ids[c] + [toks[c]] for c in span],
+                            "logps": logps, "tag_probs": probs, "pruned_ranks": ranks,
+                            "pruned": [parents_ids[span[r]] + [toks[span[r]]] for r in ranks],
+                            "kept_over": kept_over})
+                    pruned = {span[r] for r in ranks}
+                    span = [c for c in span if c not in pruned]
                 keep += _choose(states[i], span, toks, scores, parents_ids, stops, cfg, last)
             if not keep:
                 break
