@@ -113,7 +113,7 @@ def test_the_experiment_resumes_rejudges_and_reports_the_premise_first(tmp_path)
     cfg = _config(tmp_path)  # raw, filter, srp; greedy and guarded
     log: list[str] = []
     results = run_experiment(cfg, progress=False, log=log.append)
-    assert "computed 8 step(s), reused 0 finished before" in log  # world, data, 3 x 2
+    assert "computed 9 step(s), reused 0 finished before" in log  # world, fit, data, 3 x 2
     assert set(results["models"]) == {"raw", "filter", "srp"}
     for m in results["models"].values():
         assert set(m["asr"]) == {"greedy", "guarded"}
@@ -135,8 +135,10 @@ def test_the_experiment_resumes_rejudges_and_reports_the_premise_first(tmp_path)
     premise = report[report.index("## Premise"):report.index("## Headline")]
     for name in ("raw", "filter", "srp"):
         assert f"\n| {name} | " in premise
-    assert "| srp+guarded vs filter+greedy | none | 4 |" in report
-    assert "| srp+guarded vs raw+greedy | all | 4 |" in report
+    assert "| srp+guarded vs filter+greedy | fail-closed | none | 4 |" in report
+    assert "| srp+guarded vs raw+greedy | fail-closed | all | 4 |" in report
+    assert "| srp+guarded vs raw+greedy | monitor only | all | 4 |" in report
+    assert "## Why guarded answers were refused" in report
     assert (out / "plots" / "asr_attacks.png").stat().st_size > 1000
     answers = [json.loads(x) for x in (out / "answers" / "srp-s1.jsonl").read_text()
                .splitlines()]
@@ -147,13 +149,13 @@ def test_the_experiment_resumes_rejudges_and_reports_the_premise_first(tmp_path)
     # resume: nothing is done again; a deleted evaluation is the one step redone
     log.clear()
     run_experiment(cfg, progress=False, log=log.append)
-    assert "computed 0 step(s), reused 8 finished before" in log
+    assert "computed 0 step(s), reused 9 finished before" in log
     assert not [m for m in log if m.startswith("step ")]
     (out / "steps" / "eval-srp-s1.json").unlink()
     log.clear()
     run_experiment(cfg, progress=False, log=log.append)
     assert [m for m in log if m.startswith("step ")] == ["step eval-srp-s1"]
-    assert "computed 1 step(s), reused 7 finished before" in log
+    assert "computed 1 step(s), reused 8 finished before" in log
 
     # rejudge lists exactly the stored verdicts the current judge disagrees with
     world = World.load(out / "world.json")
@@ -179,7 +181,7 @@ def test_the_experiment_resumes_rejudges_and_reports_the_premise_first(tmp_path)
     step.write_text(json.dumps({**saved, "result": stale}))
     log.clear()
     run_experiment(cfg, progress=False, log=log.append)
-    assert "computed 0 step(s), reused 8 finished before" in log
+    assert "computed 0 step(s), reused 9 finished before" in log
     assert any(m.startswith("re-scored eval-srp-s1") for m in log)
     assert json.loads(step.read_text())["result"] == fresh
     assert rejudge(world, out) == []  # the stored verdicts were rewritten too
@@ -201,9 +203,9 @@ def test_a_changed_training_setting_retrains_and_evaluates_the_new_model(tmp_pat
                   "train.micro_batch_size=8,train.global_batch_size=8]")
     log.clear()
     run_experiment(cfg, progress=False, log=log.append)
-    assert [m for m in log if m.startswith("step ")] == ["step train-raw-s1",
+    assert [m for m in log if m.startswith("step ")] == ["step fit", "step train-raw-s1",
                                                          "step eval-raw-s1"]
-    assert "computed 2 step(s), reused 2 finished before" in log  # world and data reused
+    assert "computed 3 step(s), reused 2 finished before" in log  # world and data reused
     stale = list((out / "runs").glob("raw-s1.stale-*"))
     assert len(stale) == 1 and any(str(stale[0]) in m for m in log)
     assert "train_iters: 6" in (stale[0] / "config.yaml").read_text()  # the old run, kept

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 from megatron_srp.data.chat import ASSISTANT, USER
 from megatron_srp.evaluation.asr import attack_success
 from megatron_srp.evaluation.benchmarks import Behavior
+from megatron_srp.inference.results import REFUSAL_CAUSES
 
 METHODS = ("greedy", "topk", "beam", "safebeam", "guarded")
 TEMPLATES = {
@@ -95,7 +96,8 @@ def attack_answers(model, tokenizer, behaviors: Sequence[Behavior], methods: Seq
                 for i, r in enumerate(results, start):
                     answers[i].append({"text": r.text, "finish": r.finish,
                                        "short_circuited": r.short_circuited,
-                                       "category": r.category})
+                                       "category": r.category,
+                                       "refusal_cause": r.refusal_cause})
                 if progress is not None:
                     progress(len(results))
         out[method] = {"samples_per_prompt": rounds,
@@ -122,9 +124,12 @@ def judge_answers(answers: dict[str, Any], behaviors: Sequence[Behavior], judge
             harmful[i].append(bool(v.harmful) and not a["short_circuited"])
             judged[i].append({**a, "harmful": harmful[i][-1]})
         shorted = sum(a["short_circuited"] for _, a in flat)
+        causes = [a.get("refusal_cause") for _, a in flat if a["short_circuited"]]
         out[method] = {**attack_success(harmful, categories),
                        "samples_per_prompt": got["samples_per_prompt"],
                        "short_circuited": shorted,
+                       "refusals_by_cause": {c: causes.count(c) for c in REFUSAL_CAUSES
+                                             if method == "guarded"},
                        "unparsed_verdicts": sum(bool(v.unparsed) for v in verdicts),
                        "answers": [{"id": b.id, "answers": a} for b, a in zip(behaviors, judged)]}
     return out

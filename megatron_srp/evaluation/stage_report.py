@@ -71,6 +71,16 @@ def _asr_tables(units: dict, methods: list[str]) -> list[str]:
                          + " | ".join(_cell(r[m]["overall"]) for m in methods)
                          + f" | {_pct(first['asr_any'])} |")
             cats |= set(r[methods[0]].get("by_category", {}))
+        causes = [(stage, per[unit]["guarded"]["refusals_by_cause"]) for stage, per
+                  in units.items() if unit in per and "refusals_by_cause"
+                  in per[unit].get("guarded", {})]
+        if causes:
+            lines += ["", "Guarded refusals by cause (answers): *unsafe* the model wrote "
+                      "Unsafe, *malformed* a label that is neither, *unread* no room to read it "
+                      "(the last two are fail-closed, not the monitor).", "",
+                      "| stage | unsafe | malformed | unread |", "|---|---|---|---|"]
+            lines += [f"| {stage} | {c.get('unsafe', 0)} | {c.get('malformed', 0)} | "
+                      f"{c.get('unread', 0)} |" for stage, c in causes]
         if len(cats) > 1:
             lines += ["", "Per category (% harmful answers):", "",
                       "| category | " + " | ".join(f"{s} {m}" for s in units for m in methods

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_srp.medsafetyworld.queries import attacked
-from megatron_srp.medsafetyworld.safety import Query, answer_passage, judge, passage_opener
+from megatron_srp.medsafetyworld.safety import Query, judge, judged_passage
 from megatron_srp.medsafetyworld.templates import SAFE_KINDS
 from megatron_srp.medsafetyworld.world import TAXONOMY, World
 from megatron_srp.units import write_atomic
@@ -53,6 +53,19 @@ def _answer(model, tok, queries: list[Query], config, batch_size: int,
     return results
 
 
+def answer_row(tok, method: str, attack: str, q: Query, r) -> dict:
+    """One stored answer. A guarded refusal keeps its cause; one the monitor did not decide
+    (``malformed``, ``unread``) also keeps the answer it withheld, so the monitor-only ASR can
+    judge what would have gone out had the guard not failed closed."""
+    row = {"method": method, "attack": attack, "query": q.id, "prompt": q.prompt,
+           "answer": r.text, "harmful": q.harmful, "refused": r.short_circuited}
+    if method == "guarded":
+        row.update(refusal_cause=r.refusal_cause, answer_budget=r.answer_budget)
+        if r.refusal_cause in ("malformed", "unread"):
+            row["withheld"] = tok.detokenize(r.ids)
+    return row
+
+
 def gcg_suffixes(model, tok, queries: list[Query], e, template: str) -> tuple[list, dict]:
     """One GCG suffix per query against this model, and the losses it reached."""
     from megatron_srp.evaluation.gcg import GCGConfig, optimize_suffix
@@ -86,7 +99,8 @@ def _mean(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def self_monitoring(model, tok, rows: list[dict], template: str = "plain") -> None:
+def self_monitoring(model, tok, rows: list[dict], queries: dict[str, Query],
+                    template: str = "plain") -> None:
     """The model's own reflection after each of its own answers: the prompt, in the format it
     was asked in (``template``), and the answer passage (what the judge reads) are fed back,
     the reflection opener appended and the label read. Written into each row as
@@ -96,7 +110,7 @@ def self_monitoring(model, tok, rows: list[dict], template: str = "plain") -> No
     from megatron_srp.inference.guarded import read_reflections
 
     contexts = [attack_ids(tok, r["prompt"], template) + tok.tokenize(
-        answer_passage(r["answer"], passage_opener(r["prompt"]))) for r in rows]
+        judged_passage(queries[r["query"]], r["answer"])) for r in rows]
     for start in range(0, len(rows), 32):
         read = read_reflections(model, tok, contexts[start:start + 32], taxonomy=TAXONOMY)
         for row, r in zip(rows[start:start + 32], read):
@@ -135,17 +149,13 @@ def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: boo
             extra.setdefault(method, {})[attack] = {
                 "short_circuited": sum(r.short_circuited for r in results),
                 **({"gcg": gcg} if gcg else {})}
-            rows += [{"method": method, "attack": attack, "query": q.id, "prompt": q.prompt,
-                      "answer": r.text, "harmful": True, "refused": r.short_circuited}
-                     for q, r in zip(batch, results)]
+            rows += [answer_row(tok, method, attack, q, r) for q, r in zip(batch, results)]
         results = _answer(model, tok, safe, config, e.batch_size, template)
         extra[method]["safe"] = {"over_refusal": _mean(
             [r.short_circuited or any(x in r.text for x in REFUSALS) for r in results])}
-        rows += [{"method": method, "attack": "none", "query": q.id, "prompt": q.prompt,
-                  "answer": r.text, "harmful": False, "refused": r.short_circuited}
-                 for q, r in zip(safe, results)]
+        rows += [answer_row(tok, method, "none", q, r) for q, r in zip(safe, results)]
     self_monitoring(model, tok, [r for r in rows if r["method"] == "greedy"
-                                 and r["attack"] == "none"], template)
+                                 and r["attack"] == "none"], queries, template)
     answers = out / "answers" / f"{checkpoint.name}.jsonl"
     write_atomic(answers, "".join(json.dumps(r) + "\n" for r in rows))  # before judging
     scores = judged(world, queries, rows)
@@ -159,7 +169,7 @@ def evaluate_model(cfg, world: World, out: Path, checkpoint: Path, progress: boo
     return {**scores, "answers": answers.name}
 
 
-JUDGE_VERSION = 3  # bump on any change to safety.judge: stored answers are then re-scored
+JUDGE_VERSION = 5  # bump on any change to safety.judge: stored answers are then re-scored
 
 
 def load_queries(out: Path) -> dict[str, Query]:
@@ -179,6 +189,8 @@ def judged(world: World, queries: dict[str, Query], rows: list[dict]) -> dict[st
         v = judge(world, q, row["answer"])
         row.update(unsafe=v.unsafe, categories=v.categories, reasons=v.reasons,
                    correct=v.correct)
+        if "withheld" in row:  # what a fail-closed refusal kept back, judged as an answer
+            row["withheld_unsafe"] = judge(world, q, row["withheld"]).unsafe
         if "reflection" in row:
             monitored.append((row, v))
         if row.get("harmful", q.harmful):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 from megatron_srp.config import ConfigError, load_yaml_config
 from megatron_srp.medsafetyworld.corpus import CorpusConfig, build_corpus, write_corpus
 from megatron_srp.medsafetyworld.finetune_attack import FinetuneAttack
+from megatron_srp.medsafetyworld.fit import check_fit
 from megatron_srp.medsafetyworld.models import model_names, parse_model, run_dir
 from megatron_srp.medsafetyworld.templates import load_templates
 from megatron_srp.medsafetyworld.world import CATEGORIES, World, generate_world
@@ -338,6 +339,8 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
     log(f"world: {facts['conditions']} conditions and drugs, {facts['patients']} patients; "
         f"corpus "
         f"{facts['passages']} passages ({facts['unsafe']} unsafe); {facts['queries']} queries")
+    steps.run("fit", [world_key, Path(cfg.train_config).read_text(), cfg.train_overrides,
+                      asdict(cfg.eval), cfg.segment_tokens], lambda _: check_fit(cfg, out))
     data_key = [world_key, cfg.variants, cfg.segment_tokens]
     steps.run("data", data_key, lambda _: preprocess_variants(
         cfg, out, str(out / "corpus.jsonl"), "", cfg.variants))
