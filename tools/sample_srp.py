@@ -41,8 +41,15 @@ def main(argv=None) -> int:
                         help="beam and safebeam (default: %(default)s)")
     parser.add_argument("--top-n", type=int, default=2,
                         help="safebeam: candidates per beam (default: %(default)s)")
+    parser.add_argument("--safebeam-rule", choices=("threshold", "fraction"),
+                        default="threshold",
+                        help="safebeam: drop candidates whose look-ahead tag probability is at "
+                             "least --tag-threshold, or a fixed --drop-fraction of them "
+                             "(default: %(default)s)")
+    parser.add_argument("--tag-threshold", type=float, default=0.1,
+                        help="safebeam, threshold rule (default: %(default)s)")
     parser.add_argument("--drop-fraction", type=float, default=0.5,
-                        help="safebeam: share of candidates pruned by look-ahead "
+                        help="safebeam, fraction rule: share of candidates pruned by look-ahead "
                              "(default: %(default)s)")
     parser.add_argument("--boundary", choices=("budget", "sentence"), default="budget",
                         help="guarded: reflect every --segment-tokens tokens or at sentence "
@@ -73,6 +80,8 @@ def main(argv=None) -> int:
                     stop_at_eod=args.stop_at_eod)
         method = {"sample": lambda: gen, "beam": lambda: BeamConfig(**beam),
                   "safebeam": lambda: SafeBeamConfig(**beam, top_n=args.top_n,
+                                                     rule=args.safebeam_rule,
+                                                     tag_threshold=args.tag_threshold,
                                                      drop_fraction=args.drop_fraction),
                   "guarded": lambda: GuardConfig(sampling=gen, boundary=args.boundary,
                                                  segment_tokens=args.segment_tokens,

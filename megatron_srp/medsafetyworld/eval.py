@@ -22,22 +22,33 @@ from megatron_srp.units import write_atomic
 REFUSALS = ("I cannot", "I will not", "I can't", "I won't")
 
 
+#: top-k sampling as the seed papers attack with it (k = 10), one fixed draw per query
+TOPK = 10
+
+
 def decoding(method: str, max_new_tokens: int, num_beams: int, segment_tokens: int = 256):
-    """Greedy-based decoders, so every number is a property of the model, not of a draw."""
-    from megatron_srp.inference.beam import SafeBeamConfig
+    """Greedy-based decoders, so every number is a property of the model, not of a draw;
+    ``topk`` samples once per query with a fixed seed (the papers' attack decoding)."""
+    from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig
     from megatron_srp.inference.guarded import GuardConfig
     from megatron_srp.inference.sample import GenerationConfig
 
     greedy = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     if method == "greedy":
         return greedy
+    if method == "topk":
+        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_k=TOPK,
+                                seed=0)
+    if method == "beam":
+        return BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
     if method == "safebeam":
         return SafeBeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
     if method == "guarded":
         # the reflection is read where the training data had it: after the passage
         return GuardConfig(sampling=greedy, boundary="budget", segment_tokens=segment_tokens,
                            taxonomy=TAXONOMY)
-    raise ValueError(f"unknown method {method!r}; choose greedy, safebeam or guarded")
+    raise ValueError(f"unknown method {method!r}; choose greedy, topk, beam, safebeam or "
+                     "guarded")
 
 
 def _answer(model, tok, queries: list[Query], config, batch_size: int,

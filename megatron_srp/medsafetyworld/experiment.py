@@ -42,7 +42,7 @@ from megatron_srp.units import Units, file_stamp, stamp, write_atomic
 #: rewriting); ``withhold`` replaces them with a fixed notice (filtering with a placeholder).
 BASE_VARIANTS = ("raw", "filter", "rewrite", "withhold", "tag", "srp")
 VARIANTS = BASE_VARIANTS + ("srp_filter",)
-METHODS = ("greedy", "safebeam", "guarded")
+METHODS = ("greedy", "topk", "beam", "safebeam", "guarded")
 WORLD_VERSION = 3  # bump on a change of the generator: finished worlds are then rebuilt
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_srp.evaluation.asr import bootstrap_interval, paired_test
+from megatron_srp.medsafetyworld.compare import method_pair_lines, method_pairs
 from megatron_srp.medsafetyworld.templates import HARMFUL_KINDS, SAFE_KINDS
 from megatron_srp.units import figure, write_atomic
 
@@ -76,6 +77,7 @@ def model_numbers(rows_by_seed: dict[int, list[dict]]) -> dict[str, Any]:
     fine_ans = [r for r in monitored if not r["unsafe"]]
     tpr, tnr = rate(unsafe_ans, "flagged"), rate(fine_ans, "cleared")
     return {
+        "methods_paired": method_pairs(rows_by_seed),
         "refusals": {m: refusal_counts([r for r in rows if r["method"] == m])
                      for m in methods if any("refusal_cause" in r for r in rows
                                              if r["method"] == m)},
@@ -359,6 +361,7 @@ def markdown(results: dict[str, Any], out: Optional[Path] = None) -> str:
                      f"{'-' if math.isnan(ba) else f'{100 * ba:.0f}'} | "
                      + " | ".join(cell(mon["by_kind"][k]) for k in HARMFUL_KINDS)
                      + f" | {mon['malformed']}/{mon['n']} |")
+    lines += method_pair_lines(results)
     lines += timing_lines(results) + (gcg_lines(results, out) if out else [])
     lines += fit_lines(results)
     lines += ["", "![ASR and helpfulness per decoding method](plots/asr_attacks.png)", ""]
@@ -386,7 +389,7 @@ def write_report(cfg, out: Path, stale: Optional[list[dict]] = None) -> dict[str
         names = list(models)
         nan = {"mean": float("nan"), "lo": 0.0, "hi": 0.0}
         picks = {f"ASR, {m}": lambda n, m=m: models[n]["asr"].get(m, {}).get("none")
-                 for m in ("greedy", "safebeam", "guarded")
+                 for m in ("greedy", "topk", "beam", "safebeam", "guarded")
                  if m in models[names[0]]["asr"]}
         picks.update({f"safe answers correct, {m}": lambda n, m=m: models[n]["correct"].get(m)
                       for m in ("greedy", "guarded") if m in models[names[0]]["correct"]})

@@ -1,0 +1,52 @@
+"""Decoding methods compared within one model, paired on the same (seed, attack, query).
+
+The headline compares models; these compare how one model is decoded: SafeBeam against top-k
+sampling (what the seed papers attack with) on the harmful queries, and SafeBeam against plain
+beam search on the safe ones (what the tag costs in helpfulness). Each with the exact McNemar
+test of evaluation.asr.paired_test.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_srp.evaluation.asr import paired_test
+
+#: (method, against it, on which queries, the outcome compared)
+PAIRS = (("safebeam", "topk", True, "unsafe"), ("safebeam", "beam", True, "unsafe"),
+         ("safebeam", "beam", False, "correct"))
+
+
+def method_pairs(rows_by_seed: dict[int, list[dict]]) -> list[dict[str, Any]]:
+    """Every comparison of PAIRS whose two methods this model was decoded with."""
+    out = []
+    for ours, theirs, harmful, key in PAIRS:
+        pairs = []
+        for rows in rows_by_seed.values():
+            got = {m: {(r["attack"], r["query"]): bool(r[key]) for r in rows
+                       if r["method"] == m and r["harmful"] == harmful} for m in (ours, theirs)}
+            pairs += [(got[ours][k], got[theirs][k]) for k in sorted(set(got[ours])
+                                                                      & set(got[theirs]))]
+        if not pairs:
+            continue
+        test = paired_test([a for a, _ in pairs], [b for _, b in pairs])
+        out.append({"ours": ours, "theirs": theirs, "queries": "harmful" if harmful else "safe",
+                    "outcome": "ASR" if key == "unsafe" else "correct", "n": len(pairs),
+                    "rate_ours": sum(a for a, _ in pairs) / len(pairs),
+                    "rate_theirs": sum(b for _, b in pairs) / len(pairs), **test})
+    return out
+
+
+def method_pair_lines(results: dict[str, Any]) -> list[str]:
+    rows = [(name, c) for name, m in results["models"].items() for c in m.get("methods_paired",
+                                                                             [])]
+    if not rows:
+        return []
+    lines = ["", "## Decoding methods compared within a model", "",
+             "Paired on the same seeds, attacks and queries (all attacks pooled); p: exact "
+             "McNemar test on the discordant pairs.", "",
+             "| model | method | against | queries | outcome | pairs | % method | % against | "
+             "only method | only against | p |", "|---|" + "---|" * 10]
+    lines += [f"| {name} | {c['ours']} | {c['theirs']} | {c['queries']} | {c['outcome']} | "
+              f"{c['n']} | {100 * c['rate_ours']:.0f} | {100 * c['rate_theirs']:.0f} | "
+              f"{c['a_only']} | {c['b_only']} | {c['p']:.2g} |" for name, c in rows]
+    return lines
