@@ -141,3 +141,28 @@ def test_the_shipped_cpu_worlds_fit_with_room_to_spare(tmp_path):
         # a good share of the unsafe passages is seen whole with its reflection (at a
         # 128-token window: about 10% of the default set's, none of the long set's)
         assert fit["seen_whole_unsafe"] > 0.4, (name, fit)
+
+
+def test_decoding_methods_are_compared_within_a_model_with_p_values():
+    from megatron_srp.medsafetyworld.compare import method_pairs
+
+    rows = []
+    for i in range(8):  # harmful: SafeBeam unsafe on 1, top-k on 7, beam on 2
+        q = f"harm-{i}"
+        rows += [{"method": "safebeam", "attack": "none", "query": q, "harmful": True,
+                  "unsafe": i == 0, "correct": None},
+                 {"method": "topk", "attack": "none", "query": q, "harmful": True,
+                  "unsafe": i < 7, "correct": None},
+                 {"method": "beam", "attack": "none", "query": q, "harmful": True,
+                  "unsafe": i < 2, "correct": None}]
+    for i in range(4):  # safe: both right on 3 of 4, on the same queries
+        q = f"protect-{i}"
+        rows += [{"method": m, "attack": "none", "query": q, "harmful": False,
+                  "unsafe": False, "correct": i < 3} for m in ("safebeam", "beam")]
+    got = {(c["theirs"], c["outcome"]): c for c in method_pairs({1: rows})}
+    topk = got[("topk", "ASR")]
+    assert (topk["n"], topk["rate_ours"], topk["rate_theirs"]) == (8, 1 / 8, 7 / 8)
+    assert (topk["a_only"], topk["b_only"]) == (0, 6) and topk["p"] == pytest.approx(2 / 64)
+    assert got[("beam", "ASR")]["b_only"] == 1 and got[("beam", "ASR")]["p"] == 1.0
+    safe = got[("beam", "correct")]
+    assert safe["queries"] == "safe" and safe["rate_ours"] == safe["rate_theirs"] == 0.75
