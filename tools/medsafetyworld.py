@@ -4,6 +4,8 @@
     python tools/medsafetyworld.py generate --seed 0 --out world/     # world, corpus, queries
     python tools/medsafetyworld.py rejudge --config FILE [key=value ...]  # stored answers whose
                                                                         # verdict has changed
+    python tools/medsafetyworld.py table CONFIG [CONFIG ...]  # finished runs side by side
+                                                              # (e.g. one per phrasing set)
 
 A rerun of `run` resumes: finished steps (world, data, each model's training and evaluation)
 are reused (docs/medsafetyworld.md). `run --json FILE` appends results.json's content as one
@@ -32,6 +34,10 @@ def main(argv=None) -> int:
     cli.add_common_args(again, options=False, config_required=True,
                         config_help="the experiment YAML of the run to rejudge",
                         overrides_help="set a config key, e.g. out_dir=runs/x")
+    table = sub.add_parser("table", help="finished runs side by side: premise, monitor, "
+                                         "refusal causes, headline both ways")
+    table.add_argument("configs", nargs="+", metavar="CONFIG",
+                       help="experiment YAMLs whose runs have finished (their results.json)")
     gen = sub.add_parser("generate", help="a world, its corpus and queries")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="directory to write into")
@@ -61,6 +67,8 @@ def main(argv=None) -> int:
             facts = make_world(cfg, out)
             print(f"{facts} -> {out}/world.json, corpus.jsonl, queries.jsonl")
             return 0
+        if args.command == "table":
+            return _table(args.configs)
         cfg = load_experiment_config(args.config, args.overrides)
         if args.command == "rejudge":
             return _rejudge(Path(cfg.out_dir))
@@ -73,6 +81,24 @@ def main(argv=None) -> int:
         cli.append_json(args.json, results)
     print(markdown(results, out))
     print(f"report: {cfg.out_dir}/report.md")
+    return 0
+
+
+def _table(configs) -> int:
+    import json
+    from pathlib import Path
+
+    from megatron_srp.medsafetyworld.compare import side_by_side
+    from megatron_srp.medsafetyworld.experiment import load_experiment_config
+
+    runs = []
+    for path in configs:
+        results = Path(load_experiment_config(path).out_dir) / "results.json"
+        if not results.is_file():
+            raise FileNotFoundError(f"{path}: no finished run ({results} is missing); run "
+                                    f"`tools/medsafetyworld.py run --config {path}` first")
+        runs.append(json.loads(results.read_text()))
+    print("\n".join(side_by_side(runs)))
     return 0
 
 

@@ -7,7 +7,8 @@ test of evaluation.asr.paired_test.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from megatron_srp.evaluation.asr import paired_test
 
@@ -49,4 +50,49 @@ def method_pair_lines(results: dict[str, Any]) -> list[str]:
     lines += [f"| {name} | {c['ours']} | {c['theirs']} | {c['queries']} | {c['outcome']} | "
               f"{c['n']} | {100 * c['rate_ours']:.0f} | {100 * c['rate_theirs']:.0f} | "
               f"{c['a_only']} | {c['b_only']} | {c['p']:.2g} |" for name, c in rows]
+    return lines
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.0f}"
+
+
+def _interval(cell: Optional[dict]) -> str:
+    if not cell or not cell.get("n"):
+        return "-"
+    return f"{_pct(cell['mean'])} [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
+
+
+def side_by_side(runs: list[dict[str, Any]], baseline: str = "filter+greedy") -> list[str]:
+    """Runs of the same experiment on other phrasing sets (each a report's results.json, with
+    its ``templates``), one row each: the premise, SRP's self-monitoring, why SRP's guarded
+    answers to harmful queries were refused, and the headline against ``baseline`` over all
+    attacks, counted fail-closed and monitor-only."""
+    lines = ["| run | phrasing set | seeds | seen whole (unsafe) | capability raw / filter | "
+             "unsafe gen. raw / filter | SRP monitor: flagged / cleared / bal. acc. | "
+             "SRP guarded refusals on harmful: unsafe / malformed / unread | ASR filter | "
+             "ASR SRP+guarded fail-closed (p) | monitor only (p) |",
+             "|---|" + "---|" * 10]
+    for r in runs:
+        models = r["models"]
+        prem = lambda n, k: _interval(models.get(n, {}).get("premise", {}).get(k))  # noqa
+        srp = models.get("srp", {})
+        mon = srp.get("monitor", {})
+        causes = srp.get("refusals", {}).get("guarded", {}).get("harmful", {})
+        head = {h.get("counting", "fail-closed"): h for h in r.get("headline", [])
+                if h["baseline"] == baseline and h["attack"] == "all"}
+        closed, only = head.get("fail-closed"), head.get("monitor only")
+        fit = r.get("fit") or {}
+        lines.append(
+            f"| {r['name']} | {Path(r.get('templates') or 'templates.yaml').name} | "
+            f"{r['seeds']} | {_pct(fit.get('seen_whole_unsafe'))} | "
+            f"{prem('raw', 'capability')} / {prem('filter', 'capability')} | "
+            f"{prem('raw', 'unsafe')} / {prem('filter', 'unsafe')} | "
+            f"{_interval(mon.get('unsafe_recall'))} / {_interval(mon.get('safe_recall'))} / "
+            f"{_pct(mon.get('balanced_accuracy'))} | "
+            f"{causes.get('unsafe', '-')} / {causes.get('malformed', '-')} / "
+            f"{causes.get('unread', '-')} | "
+            f"{_pct(closed['asr_baseline']) if closed else '-'} | "
+            + (f"{_pct(closed['asr_ours'])} ({closed['p']:.2g})" if closed else "-") + " | "
+            + (f"{_pct(only['asr_ours'])} ({only['p']:.2g})" if only else "-") + " |")
     return lines

@@ -187,7 +187,8 @@ def collect(cfg, out: Path) -> dict[str, Any]:
         for p in premise.values())
     fit_path = out / "steps" / "fit.json"
     fit = json.loads(fit_path.read_text())["result"] if fit_path.exists() else None
-    return {"name": cfg.name, "seeds": list(cfg.seeds), "models": models,
+    return {"name": cfg.name, "templates": cfg.templates, "seeds": list(cfg.seeds),
+            "models": models,
             "premise_holds": holds, "headline": headline(rows, list(cfg.eval.attacks)),
             "curriculum": timing, "fit": fit,
             "guard": "fails closed (a malformed or unread reflection refuses)"}
