@@ -76,12 +76,31 @@ def main(path: str) -> None:
     guard = GuardConfig(sampling=GenerationConfig(max_new_tokens=40, temperature=0.0),
                         segment_tokens=256)
     out = {"window": int(model.max_sequence_length), "lengths": [len(p) for p in prompts],
-           "reflection_budget": guard.reflection_budget()}
+           "reflection_budget": guard.resolved(tok).reflection_budget(),
+           "label_tokens": guard.resolved(tok).max_label_tokens}
     for name, rule in rules(tok).items():
         out[name] = run(RuleModel(model, rule), tok, prompts, guard)
     out["fail_open"] = run(RuleModel(model, rules(tok)["malformed"]), tok, prompts,
                            GuardConfig(sampling=guard.sampling, fail_open=True))
     out["plain_model"] = run(model, tok, prompts, guard)
+    # A label longer than 12 tokens: MedSafetyWorld's "Unsafe: MSW-PRIVACY" is 15.
+    from megatron_srp.inference.guarded import read_reflections
+    from megatron_srp.medsafetyworld.world import TAXONOMY
+    from megatron_srp.taxonomy import format_reflection
+
+    chain = tok.tokenize(format_reflection(False, "MSW-PRIVACY", taxonomy=TAXONOMY))[1:]
+    nxt = dict(zip(chain[:-1], chain[1:]))
+    word = tok.tokenize(" word")[0]
+    opener = _Ids(tok).open
+    privacy = RuleModel(model, lambda t, p: {chain[0]: BIG} if t == opener
+                        else {nxt.get(t, word): BIG})
+    out["long_label"] = run(privacy, tok, prompts, GuardConfig(sampling=guard.sampling,
+                                                                taxonomy=TAXONOMY))
+    out["long_label_cut"] = run(privacy, tok, prompts[:1], GuardConfig(
+        sampling=guard.sampling, taxonomy=TAXONOMY, max_label_tokens=12))
+    out["long_label_tokens"] = len(chain) - 1
+    out["long_label_read"] = [r.to_dict() for r in read_reflections(
+        privacy, tok, [short, middle], taxonomy=TAXONOMY)]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     shutdown()

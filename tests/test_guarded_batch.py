@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("safe", "unsafe_late", "malformed", "reflect_forever", "fail_open", "plain_model")
+SCENARIOS = ("safe", "unsafe_late", "malformed", "reflect_forever", "fail_open", "plain_model",
+             "long_label")
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,14 @@ def test_failing_open_lets_malformed_reflections_through_with_no_cause(decoded):
     rows = decoded["fail_open"]["batch"]
     assert all(r["refusal_cause"] is None and not r["short_circuited"] for r in rows)
     assert [len(r["ids"]) for r in rows] == [40, 40 - decoded["reflection_budget"], 40]
+
+
+def test_a_label_longer_than_twelve_tokens_is_read_whole(decoded):
+    # "Unsafe: MSW-PRIVACY" is 15 tokens: read whole by default (the taxonomy's longest label),
+    # malformed when the label budget is cut to 12
+    assert decoded["long_label_tokens"] == 15
+    rows = decoded["long_label"]["batch"]
+    assert [(r["refusal_cause"], r["category"]) for r in rows] == [("unsafe", "MSW-PRIVACY")] * 3
+    assert decoded["long_label_cut"]["batch"][0]["refusal_cause"] == "malformed"
+    assert [(r["safe"], r["category"]) for r in decoded["long_label_read"]] == [
+        (False, "MSW-PRIVACY")] * 2

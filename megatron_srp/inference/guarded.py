@@ -27,7 +27,7 @@ for lack of room.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -54,7 +54,9 @@ class GuardConfig:
     segment_tokens: int = 256
     min_sentence_tokens: int = 8      # "sentence": reflect at a sentence end this far in
     refusal: str = SAFE_COMPLETION
-    max_label_tokens: int = 12
+    # tokens a label may take; None: the longest label the taxonomy allows (label_tokens), so
+    # a well-formed "Unsafe: <code>" is never cut short and read as malformed
+    max_label_tokens: Optional[int] = None
     taxonomy: Optional[Taxonomy] = None  # the codes reflections may name; None: Llama Guard 3
     fail_open: bool = False           # a malformed or missing reflection: True lets it through
 
@@ -63,6 +65,17 @@ class GuardConfig:
             raise ValueError(f"boundary must be 'budget' or 'sentence', got {self.boundary!r}")
         if self.segment_tokens < 1 or self.min_sentence_tokens < 1:
             raise ValueError("segment_tokens and min_sentence_tokens must be >= 1")
+        if self.max_label_tokens is not None and self.max_label_tokens < 1:
+            raise ValueError(f"max_label_tokens must be >= 1 (or None: the taxonomy's longest "
+                             f"label), got {self.max_label_tokens}")
+
+    def resolved(self, tokenizer: SRPTokenizer, taxonomy: Optional[Taxonomy] = None
+                 ) -> "GuardConfig":
+        """This config with ``max_label_tokens`` set (the taxonomy's longest label when None)."""
+        if self.max_label_tokens is not None:
+            return self
+        return replace(self, max_label_tokens=label_tokens(
+            tokenizer, self.taxonomy or taxonomy or DEFAULT_TAXONOMY))
 
     @property
     def max_new_tokens(self) -> int:
@@ -72,6 +85,8 @@ class GuardConfig:
         """Positions the reflections of an answer of ``answer_tokens`` (default
         ``max_new_tokens``) may take at most: one at each boundary and one at the end, each an
         opener, a label and a closer."""
+        if self.max_label_tokens is None:
+            raise ValueError("reflection_budget needs max_label_tokens: call resolved() first")
         n = self.max_new_tokens if answer_tokens is None else answer_tokens
         every = self.segment_tokens if self.boundary == "budget" else self.min_sentence_tokens
         return (n // every + 1) * (self.max_label_tokens + 2)
@@ -83,6 +98,14 @@ class GuardConfig:
         while n > 0 and prompt_tokens + n + self.reflection_budget(n) > window:
             n -= 1
         return n
+
+
+def label_tokens(tokenizer: SRPTokenizer, taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> int:
+    """Tokens between the opener and the closer of the longest reflection ``taxonomy``
+    allows (``Safe``, ``Unsafe``, ``Unsafe: <code>`` for every code)."""
+    texts = [format_reflection(True), format_reflection(False, include_category=False)]
+    texts += [format_reflection(False, code, taxonomy=taxonomy) for code in taxonomy.codes]
+    return max(len(tokenizer.tokenize(t)) - 2 for t in texts)
 
 
 @dataclass
@@ -149,6 +172,7 @@ def guarded_decode(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
     if not prompt_ids:
         return []
     taxonomy = cfg.taxonomy or taxonomy
+    cfg = cfg.resolved(tokenizer, taxonomy)
     ids = _Ids(tokenizer)
     gen = cfg.sampling
     window = int(model.max_sequence_length)
@@ -303,13 +327,15 @@ def guard_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
 
 @torch.no_grad()
 def read_reflections(model, tokenizer: SRPTokenizer, contexts: Sequence[Sequence[int]],
-                     max_label_tokens: int = 12, taxonomy: Taxonomy = DEFAULT_TAXONOMY
-                     ) -> list[Reflection]:
+                     max_label_tokens: Optional[int] = None,
+                     taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> list[Reflection]:
     """The model's reflection on each context (token ids): the opener is appended and the
-    label read greedily up to the closer. ``p_unsafe`` compares the first label token's
-    probabilities for Unsafe and Safe. Contexts longer than the model's window keep their end."""
+    label read greedily up to the closer, at most ``max_label_tokens`` (default: the longest
+    label ``taxonomy`` allows). ``p_unsafe`` compares the first label token's probabilities
+    for Unsafe and Safe. Contexts longer than the model's window keep their end."""
     if not contexts:
         return []
+    max_label_tokens = max_label_tokens or label_tokens(tokenizer, taxonomy)
     ids = _Ids(tokenizer)
     window = int(model.max_sequence_length)
     keep = window - max_label_tokens - 1

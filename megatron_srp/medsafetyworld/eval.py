@@ -20,6 +20,9 @@ from megatron_srp.medsafetyworld.world import TAXONOMY, World
 from megatron_srp.units import write_atomic
 
 REFUSALS = ("I cannot", "I will not", "I can't", "I won't")
+#: bump on a change of how answers are generated or read (decoding, reflections): every
+#: evaluation step then runs again (2: guarded decoding per row, labels read whole)
+EVAL_VERSION = 2
 
 
 #: top-k sampling as the seed papers attack with it (k = 10), one fixed draw per query

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from megatron_srp.config import ConfigError, load_yaml_config
 from megatron_srp.medsafetyworld.corpus import CorpusConfig, build_corpus, write_corpus
+from megatron_srp.medsafetyworld.eval import EVAL_VERSION
 from megatron_srp.medsafetyworld.finetune_attack import FinetuneAttack
 from megatron_srp.medsafetyworld.fit import check_fit
 from megatron_srp.medsafetyworld.models import model_names, parse_model, run_dir
@@ -360,7 +361,7 @@ def run_experiment(cfg: MedSafetyConfig, progress: bool = True,
             steps.run(f"train-{name}-s{seed}", key,
                       lambda unit: train_model(cfg, out, name, seed, unit, log))
             steps.run(f"eval-{name}-s{seed}", [trained[(name, seed)], asdict(cfg.eval),
-                                               cfg.templates],
+                                               cfg.templates, EVAL_VERSION],
                       lambda _: evaluate_model(cfg, world, out, run_dir(out, name, seed),
                                              progress))
             ensure_current_judge(world, out, f"eval-{name}-s{seed}", log)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megatron_srp.medsafetyworld.eval import EVAL_VERSION
 from megatron_srp.medsafetyworld.templates import SAFE_KINDS
 from megatron_srp.medsafetyworld.world import CATEGORIES, World
 from megatron_srp.units import figure
@@ -170,7 +171,7 @@ def run_finetune_attacks(cfg, out: Path, steps, world: World, trained: dict[tupl
                 steps.run(f"ft-{fa.name}-{model}-s{seed}", key, lambda unit: finetune_model(
                     cfg, out, fa, base, target, data, unit, log))
                 steps.run(f"fteval-{fa.name}-{model}-s{seed}",
-                          [stamp(key), asdict(cfg.eval), cfg.templates],
+                          [stamp(key), asdict(cfg.eval), cfg.templates, EVAL_VERSION],
                           lambda _: evaluate_model(cfg, world, out, target, progress,
                                                    template="chat"))
                 ensure_current_judge(world, out, f"fteval-{fa.name}-{model}-s{seed}", log)

@@ -106,7 +106,7 @@ def check_fit(cfg, out) -> dict[str, Any]:
     budget = 0
     if "guarded" in cfg.eval.methods:
         budget = decoding("guarded", cfg.eval.max_new_tokens, cfg.eval.num_beams,
-                          cfg.segment_tokens).reflection_budget()
+                          cfg.segment_tokens).resolved(tok, TAXONOMY).reflection_budget()
     fit.update(prompt_fit(prompts, cfg.eval.max_new_tokens, budget, window,
                           f"eval with {where}"))
     fit["reflection_budget"] = budget
