@@ -217,13 +217,27 @@ def _choose(st: _Prompt, order: list[int], toks: list[int], scores: list[float],
             beams.append((ids, scores[c]))
             chosen.append(c)
     st.beams = beams
-    if last_step or len(st.finished) >= cfg.num_beams or not beams:
+    if last_step or not beams or _settled(st, cfg):
         if last_step:
             st.finished += [(_normalised(lp, len(ids), cfg.length_penalty), ids, None, lp)
                             for ids, lp in beams]
         st.done = True
         return []
     return chosen
+
+
+def _settled(st: _Prompt, cfg: BeamConfig) -> bool:
+    """Whether the search of one prompt can stop: ``num_beams`` answers have finished and no
+    live beam, scored as if it ended now, beats the ``num_beams``-th best of them (as
+    ``transformers`` does without early stopping). Stopping as soon as ``num_beams`` had
+    finished let a stop token that is every step's second choice (a model that learned the
+    harmfulness tag puts 0.3-4% on it) fill the finished list within a few steps and win over
+    the answer, which had not finished yet."""
+    if len(st.finished) < cfg.num_beams:
+        return False
+    bar = sorted((f[0] for f in st.finished), reverse=True)[cfg.num_beams - 1]
+    best_live = max(_normalised(lp, len(ids), cfg.length_penalty) for ids, lp in st.beams)
+    return best_live <= bar
 
 
 @torch.no_grad()
