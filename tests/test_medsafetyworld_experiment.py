@@ -73,8 +73,8 @@ def test_bad_experiment_configs_name_the_key(tmp_path) -> None:
         (["eval.methods=[guarded]", "finetune_attacks=[{name: x, models: [raw]}]"],
          "eval.methods"),
         (["eval.attacks=[none,rolepaly]"], "eval.attacks"),
-        (["eval.methods=[beam]"], "eval.methods"),
-        (["eval.attack_methods=[beam]"], "eval.attack_methods"),
+        (["eval.methods=[sampling]"], "eval.methods"),
+        (["eval.attack_methods=[nucleus]"], "eval.attack_methods"),
         (["world={n_conditions: 2, n_patients: 8}"], "world"),
         (["finetune_attacks=[{name: x, models: [raw], after: y}]"],
          r"finetune_attacks\[0\].after"),
@@ -215,7 +215,9 @@ def test_a_changed_training_setting_retrains_and_evaluates_the_new_model(tmp_pat
     trained = units.get("train-raw-s1", units.stored_stamp("train-raw-s1"))
     assert trained["result"]["steps"] == 8
     evaluated = json.loads((out / "steps" / "eval-raw-s1.json").read_text())
-    assert evaluated["stamp"] == stamp([trained["stamp"], asdict(cfg.eval), cfg.templates])
+    from megatron_srp.medsafetyworld.eval import EVAL_VERSION
+    assert evaluated["stamp"] == stamp([trained["stamp"], asdict(cfg.eval), cfg.templates,
+                                        EVAL_VERSION])
     assert evaluated["stamp"] != first["stamp"]
     assert (out / "steps" / "eval-raw-s1.json").stat().st_mtime >= \
         (run / "config.yaml").stat().st_mtime
