@@ -64,16 +64,19 @@ USAGE_ERRORS = (UsageError, ConfigError, yaml.YAMLError, FileNotFoundError)
 def add_common_args(parser: argparse.ArgumentParser, *, options: bool = True,
                     config_help: Optional[str] = None, config_required: bool = False,
                     overrides_help: Optional[str] = None, json_help: Optional[str] = None,
-                    example: Optional[str] = None) -> argparse.ArgumentParser:
+                    example: Optional[str] = None,
+                    config_repeats: bool = False) -> argparse.ArgumentParser:
     """Add ``--config``, the ``key=value`` positional, ``--no-progress`` and (with
     ``json_help``) ``--json FILE`` to ``parser``.
 
     ``options=True``: the tool's settings are its flags, and ``parse_args`` merges ``--config``
     and ``key=value`` into them (``example`` names one option for the help text).
-    ``options=False``: the tool reads ``args.config`` and ``args.overrides`` itself.
+    ``options=False``: the tool reads ``args.config`` and ``args.overrides`` itself;
+    ``config_repeats``: ``--config`` may be given several times (``args.config`` is a list).
     """
     parser.add_argument(
         "--config", metavar="FILE", required=config_required,
+        action="append" if config_repeats else "store",
         help=config_help or "YAML mapping of this tool's options (the names key=value takes)")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",

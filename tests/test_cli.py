@@ -27,7 +27,7 @@ from megatron_srp.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = sorted(p.name for p in (REPO / "tools").glob("*.py"))
-SUBCOMMANDS = {"medsafetyworld.py": ["run", "rejudge", "generate"],
+SUBCOMMANDS = {"medsafetyworld.py": ["run", "rejudge", "generate", "table"],
                "launch_nemo_run.py": ["local", "slurm"]}
 # The tools (and subcommands) that print figures and so take --json FILE.
 JSON_TOOLS = {"estimate_memory.py", "bench_train.py", "bench_curriculum.py", "bench_generate.py", "bench_serve.py",

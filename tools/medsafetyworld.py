@@ -4,8 +4,8 @@
     python tools/medsafetyworld.py generate --seed 0 --out world/     # world, corpus, queries
     python tools/medsafetyworld.py rejudge --config FILE [key=value ...]  # stored answers whose
                                                                         # verdict has changed
-    python tools/medsafetyworld.py table CONFIG [CONFIG ...]  # finished runs side by side
-                                                              # (e.g. one per phrasing set)
+    python tools/medsafetyworld.py table --config A --config B ...  # finished runs side by
+                                                                    # side (one per phrasing set)
 
 A rerun of `run` resumes: finished steps (world, data, each model's training and evaluation)
 are reused (docs/medsafetyworld.md). `run --json FILE` appends results.json's content as one
@@ -36,8 +36,10 @@ def main(argv=None) -> int:
                         overrides_help="set a config key, e.g. out_dir=runs/x")
     table = sub.add_parser("table", help="finished runs side by side: premise, monitor, "
                                          "refusal causes, headline both ways")
-    table.add_argument("configs", nargs="+", metavar="CONFIG",
-                       help="experiment YAMLs whose runs have finished (their results.json)")
+    cli.add_common_args(table, options=False, config_required=True, config_repeats=True,
+                        config_help="an experiment YAML whose run has finished (its "
+                                    "results.json); give one --config per run",
+                        overrides_help="set a key in every config, e.g. seeds=[1,2,3]")
     gen = sub.add_parser("generate", help="a world, its corpus and queries")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="directory to write into")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
             print(f"{facts} -> {out}/world.json, corpus.jsonl, queries.jsonl")
             return 0
         if args.command == "table":
-            return _table(args.configs)
+            return _table(args.config, args.overrides)
         cfg = load_experiment_config(args.config, args.overrides)
         if args.command == "rejudge":
             return _rejudge(Path(cfg.out_dir))
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _table(configs) -> int:
+def _table(configs, overrides) -> int:
     import json
     from pathlib import Path
 
@@ -93,7 +95,7 @@ def _table(configs) -> int:
 
     runs = []
     for path in configs:
-        results = Path(load_experiment_config(path).out_dir) / "results.json"
+        results = Path(load_experiment_config(path, overrides).out_dir) / "results.json"
         if not results.is_file():
             raise FileNotFoundError(f"{path}: no finished run ({results} is missing); run "
                                     f"`tools/medsafetyworld.py run --config {path}` first")
