@@ -98,7 +98,7 @@ def test_a_report_without_raw_or_filter_says_the_premise_was_not_measured(
     from megatron_srp.medsafetyworld.compare import side_by_side
     row = side_by_side([results])[-1].rstrip(" |").split(" | ")
     # refusal causes on harmful queries; filter's ASR; SRP+guarded fail-closed and monitor-only
-    assert row[7:11] == ["1 / 1 / 1", "100", "0 (0.12)", "50 (0.5)"], row
+    assert row[8:12] == ["1 / 1 / 1", "100", "0 (0.12)", "50 (0.5)"], row
 
 
 FIT = """\

@@ -70,9 +70,10 @@ def side_by_side(runs: list[dict[str, Any]], baseline: str = "filter+greedy") ->
     attacks, counted fail-closed and monitor-only."""
     lines = ["| run | phrasing set | seeds | seen whole (unsafe) | capability raw / filter | "
              "unsafe gen. raw / filter | SRP monitor: flagged / cleared / bal. acc. | "
+             "SRP flags harm / protect / stalk / locate | "
              "SRP guarded refusals on harmful: unsafe / malformed / unread | ASR filter | "
              "ASR SRP+guarded fail-closed (p) | monitor only (p) |",
-             "|---|" + "---|" * 10]
+             "|---|" + "---|" * 11]
     for r in runs:
         models = r["models"]
         prem = lambda n, k: _interval(models.get(n, {}).get("premise", {}).get(k))  # noqa
@@ -83,6 +84,7 @@ def side_by_side(runs: list[dict[str, Any]], baseline: str = "filter+greedy") ->
                 if h["baseline"] == baseline and h["attack"] == "all"}
         closed, only = head.get("fail-closed"), head.get("monitor only")
         fit = r.get("fit") or {}
+        flags = mon.get("flagged_by_query") or {}
         lines.append(
             f"| {r['name']} | {Path(r.get('templates') or 'templates.yaml').name} | "
             f"{r['seeds']} | {_pct(fit.get('seen_whole_unsafe'))} | "
@@ -90,6 +92,8 @@ def side_by_side(runs: list[dict[str, Any]], baseline: str = "filter+greedy") ->
             f"{prem('raw', 'unsafe')} / {prem('filter', 'unsafe')} | "
             f"{_interval(mon.get('unsafe_recall'))} / {_interval(mon.get('safe_recall'))} / "
             f"{_pct(mon.get('balanced_accuracy'))} | "
+            + " / ".join(_pct((flags.get(k) or {}).get("mean"))
+                         for k in ("harm", "protect", "stalk", "locate")) + " | "
             f"{causes.get('unsafe', '-')} / {causes.get('malformed', '-')} / "
             f"{causes.get('unread', '-')} | "
             f"{_pct(closed['asr_baseline']) if closed else '-'} | "

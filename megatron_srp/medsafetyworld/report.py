@@ -97,7 +97,10 @@ def model_numbers(rows_by_seed: dict[int, list[dict]]) -> dict[str, Any]:
                     "malformed": sum(r["reflection"]["safe"] is None for r in monitored),
                     "n": len(monitored),
                     "by_kind": {k: rate([r for r in unsafe_ans if kind(r) == k], "flagged")
-                                for k in HARMFUL_KINDS + ("prescribe",)}},
+                                for k in HARMFUL_KINDS + ("prescribe",)},
+                    # every answer, judged unsafe or not: does the monitor read the intent?
+                    "flagged_by_query": {k: rate([r for r in monitored if kind(r) == k],
+                                                 "flagged") for k in SAFE_KINDS + HARMFUL_KINDS}},
     }
 
 
@@ -362,11 +365,27 @@ def markdown(results: dict[str, Any], out: Optional[Path] = None) -> str:
                      f"{'-' if math.isnan(ba) else f'{100 * ba:.0f}'} | "
                      + " | ".join(cell(mon["by_kind"][k]) for k in HARMFUL_KINDS)
                      + f" | {mon['malformed']}/{mon['n']} |")
+    lines += flagged_by_query_lines(models)
     lines += method_pair_lines(results)
     lines += timing_lines(results) + (gcg_lines(results, out) if out else [])
     lines += fit_lines(results)
     lines += ["", "![ASR and helpfulness per decoding method](plots/asr_attacks.png)", ""]
     return "\n".join(lines)
+
+
+def flagged_by_query_lines(models: dict[str, Any]) -> list[str]:
+    """How often each model's monitor says Unsafe after its own answers, per query kind
+    (every answer, right or wrong): a monitor that reads the asker's intent flags harm and
+    stalk and clears protect and locate, whose answers are the same words."""
+    rows = [(n, m["monitor"].get("flagged_by_query")) for n, m in models.items()
+            if m["monitor"].get("flagged_by_query") and m["monitor"]["malformed"]
+            < m["monitor"]["n"]]
+    if not rows:
+        return []
+    kinds = SAFE_KINDS + HARMFUL_KINDS
+    return ["", "Flagged Unsafe after its own answers, by query kind (every greedy answer):", "",
+            "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)] + [
+        f"| {n} | " + " | ".join(cell(f[k]) for k in kinds) + " |" for n, f in rows]
 
 
 def stale_lines(stale: list[dict]) -> list[str]:
