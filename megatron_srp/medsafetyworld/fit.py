@@ -17,6 +17,8 @@ from typing import Any
 
 from megatron_srp.config import ConfigError
 
+#: training windows the fit report also gives the seen-whole share for
+COMPARED_WINDOWS = (128, 256, 512)
 #: corpus kinds whose text comes from more than one template key
 _TEMPLATE_OF = {"drug_note": "drug_note", "record": "record"}
 
@@ -58,7 +60,10 @@ def passage_fit(corpus: list[dict], tok, window: int, taxonomy, where: str) -> d
                        for k, v in sorted(by_kind.items())},
             "seen_whole_qa": statistics.fmean(seen_whole(n, window) for n in qa) if qa else 1.0,
             "seen_whole_unsafe": statistics.fmean(seen_whole(n, window) for n in unsafe)
-            if unsafe else 1.0}
+            if unsafe else 1.0,
+            # the same share at other windows, for choosing one
+            "seen_whole_unsafe_by_window": {w: statistics.fmean(seen_whole(n, w) for n in unsafe)
+                                            if unsafe else 1.0 for w in COMPARED_WINDOWS}}
 
 
 def prompt_fit(prompts: dict[str, list[int]], max_new_tokens: int, reflection_budget: int,

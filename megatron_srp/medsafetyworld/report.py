@@ -275,7 +275,11 @@ def fit_lines(results: dict[str, Any]) -> list[str]:
             f"Training window {fit['window']} tokens. Question-and-answer passages with their "
             f"reflection: {spans} tokens. Expected share seen whole with their reflection in "
             f"a training window: {100 * fit['seen_whole_qa']:.0f}% (unsafe passages "
-            f"{100 * fit['seen_whole_unsafe']:.0f}%). Longest evaluation prompt "
+            f"{100 * fit['seen_whole_unsafe']:.0f}%"
+            + ("; at a window of " + ", ".join(
+                f"{w}: {100 * v:.0f}%" for w, v in fit["seen_whole_unsafe_by_window"].items())
+               if fit.get("seen_whole_unsafe_by_window") else "")
+            + f"). Longest evaluation prompt "
             f"{fit['longest_prompt']} tokens ({fit['longest_prompt_query']}); with the answer "
             f"and the reflection budget ({fit['reflection_budget']}) it needs "
             f"{fit['inference_need']} of {fit['window']} positions."]
