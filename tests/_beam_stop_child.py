@@ -15,21 +15,15 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from _inference_child import RuleModel  # noqa: E402
+from _inference_child import RuleModel, tiny_model  # noqa: E402
 
-from megatron_srp.config import load_config, to_dict  # noqa: E402
 from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig, beam_search  # noqa: E402
 from megatron_srp.inference.results import tag_id  # noqa: E402
-from megatron_srp.inference.sample import fresh_model, inference_config, shutdown  # noqa: E402
-from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir  # noqa: E402
+from megatron_srp.inference.sample import shutdown  # noqa: E402
 
 
 def main(path: str) -> None:
-    cfg = inference_config(to_dict(load_config("examples/tiny_cpu.yaml",
-                                               ["train.seq_length=128"])))
-    tok = SRPTokenizer.from_dir(default_tokenizer_dir())
-    torch.manual_seed(0)
-    model = fresh_model(cfg, tok.vocab_size)
+    model, tok = tiny_model()
     word, tag, eod = tok.tokenize(" word")[0], tag_id(tok), tok.eod
     prompts = [tok.tokenize("Tell me"), tok.tokenize("Give me")]
     assert len(prompts[0]) == len(prompts[1]), [len(p) for p in prompts]

@@ -18,14 +18,12 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from _inference_child import BIG, RuleModel  # noqa: E402
+from _inference_child import BIG, RuleModel, tiny_model  # noqa: E402
 
-from megatron_srp.config import load_config, to_dict  # noqa: E402
 from megatron_srp.inference.generation import decode_ids  # noqa: E402
 from megatron_srp.inference.guarded import GuardConfig, _Ids, guard_summary  # noqa: E402
-from megatron_srp.inference.sample import (GenerationConfig, fresh_model,  # noqa: E402
-                                           inference_config, shutdown)
-from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir  # noqa: E402
+from megatron_srp.inference.sample import GenerationConfig, shutdown  # noqa: E402
+from megatron_srp.tokenizer import SRPTokenizer  # noqa: E402
 
 
 def rules(tok: SRPTokenizer) -> dict:
@@ -63,11 +61,7 @@ def run(model, tok, prompts: list[list[int]], cfg: GuardConfig) -> dict:
 
 
 def main(path: str) -> None:
-    cfg = inference_config(to_dict(load_config("examples/tiny_cpu.yaml",
-                                               ["train.seq_length=128"])))
-    tok = SRPTokenizer.from_dir(default_tokenizer_dir())
-    torch.manual_seed(0)
-    model = fresh_model(cfg, tok.vocab_size)
+    model, tok = tiny_model()
     g = torch.Generator().manual_seed(1)
     long = torch.randint(10, 8000, (100,), generator=g).tolist()
     short = tok.tokenize("Tell me")

@@ -338,12 +338,18 @@ def attack_checks(model, tok) -> dict:
                           sorted(r["by_category"])) for m, r in plain.items()}}
 
 
-def main(path: str) -> None:
+def tiny_model():
+    """``(model, tokenizer)``: a freshly initialised tiny-preset model (seed 0, a 128-token
+    window) and the shipped tokenizer, as every child script starts."""
     cfg = inference_config(to_dict(load_config("examples/tiny_cpu.yaml",
                                                ["train.seq_length=128"])))
     tok = SRPTokenizer.from_dir(default_tokenizer_dir())
     torch.manual_seed(0)
-    model = fresh_model(cfg, tok.vocab_size)
+    return fresh_model(cfg, tok.vocab_size), tok
+
+
+def main(path: str) -> None:
+    model, tok = tiny_model()
     results = {"kv": kv_cache_checks(model, tok), "sampling": sampling_checks(model, tok),
                "beam": beam_checks(model, tok), "safebeam": safebeam_checks(model, tok),
                "guarded": guarded_checks(model, tok),

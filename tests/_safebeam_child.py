@@ -21,13 +21,11 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from _inference_child import tiny_model  # noqa: E402
 
-from megatron_srp.config import load_config, to_dict  # noqa: E402
 from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig, beam_search  # noqa: E402
 from megatron_srp.inference.results import tag_id  # noqa: E402
-from megatron_srp.inference.sample import (_logits, fresh_model,  # noqa: E402
-                                           inference_config, shutdown)
-from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir  # noqa: E402
+from megatron_srp.inference.sample import _logits, shutdown  # noqa: E402
 
 PROMPTS = ["The doctor said", "ROMEO: what say", "How do I", "First Citizen: before we"]
 
@@ -118,11 +116,7 @@ def tagged_checks(model, tok) -> dict:
 
 
 def main(path: str) -> None:
-    cfg = inference_config(to_dict(load_config("examples/tiny_cpu.yaml",
-                                               ["train.seq_length=128"])))
-    tok = SRPTokenizer.from_dir(default_tokenizer_dir())
-    torch.manual_seed(0)
-    model = fresh_model(cfg, tok.vocab_size)
+    model, tok = tiny_model()
     model.eval()
     results = {"untagged": untagged_checks(model, tok), "tagged": tagged_checks(model, tok)}
     with open(path, "w", encoding="utf-8") as f:

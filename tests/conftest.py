@@ -54,20 +54,26 @@ def shakespeare_dataset(shared_data: Path, tmp_path_factory) -> str:
     return str(prefix)
 
 
-@pytest.fixture(scope="session")
-def inference_checks(tmp_path_factory) -> dict:
-    """The measurements of tests/_inference_child.py (generation, reflection reading,
-    activations) on a real Megatron model, computed once in a process of their own."""
+def run_child(script: str, tmp_path_factory) -> dict:
+    """The JSON a ``tests/_*_child.py`` script writes, run in a process of its own (Megatron's
+    global parallel state makes reusing pytest's fragile)."""
     import json
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("inference") / "checks.json"
+    out = tmp_path_factory.mktemp(Path(script).stem.strip("_")) / "out.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "tests/_inference_child.py", str(out)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, str(out)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def inference_checks(tmp_path_factory) -> dict:
+    """The measurements of tests/_inference_child.py (generation, reflection reading,
+    activations) on a real Megatron model, computed once in a process of their own."""
+    return run_child("tests/_inference_child.py", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -2,25 +2,14 @@
 (tests/_beam_stop_child.py runs the decoding on a real Megatron model)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import run_child
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("beam_stop") / "out.json"
-    proc = subprocess.run([sys.executable, "tests/_beam_stop_child.py", str(out)], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    return run_child("tests/_beam_stop_child.py", tmp_path_factory)
 
 
 @pytest.mark.parametrize("method", ["beam", "safebeam"])

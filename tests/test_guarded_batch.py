@@ -2,27 +2,16 @@
 batch, and says why it refused (tests/_guarded_batch_child.py runs the decoding)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import run_child
 
-REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("safe", "unsafe_late", "malformed", "reflect_forever", "fail_open", "plain_model",
              "long_label")
 
 
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("guarded_batch") / "out.json"
-    proc = subprocess.run([sys.executable, "tests/_guarded_batch_child.py", str(out)], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    return run_child("tests/_guarded_batch_child.py", tmp_path_factory)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

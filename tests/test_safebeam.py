@@ -6,12 +6,10 @@ model checks run on a real Megatron model in a process of their own
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_child
 
 from megatron_srp.inference.beam import BeamConfig, SafeBeamConfig
 
@@ -20,14 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory) -> dict:
-    import json
-
-    out = tmp_path_factory.mktemp("safebeam") / "checks.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "tests/_safebeam_child.py", str(out)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    return run_child("tests/_safebeam_child.py", tmp_path_factory)
 
 
 # --- the configuration ---------------------------------------------------------------------
