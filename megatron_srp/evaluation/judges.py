@@ -9,6 +9,7 @@
 | ``refusal-keywords`` | no GCG refusal phrase in the answer (:mod:`.asr`) | the offline default; the weakest |
 | ``harmbench`` | HarmBench's Llama-2-13B classifier prompt, sent to an OpenAI-compatible endpoint serving that classifier (or any model), or run on a local model directory (``model_dir``); "yes" = harmful | the reference judge of the papers |
 | ``llamaguard`` | the (prompt, answer) conversation sent to an endpoint serving Llama Guard; the Agent turn judged ``safe`` / ``unsafe`` + category | a second opinion with categories |
+| ``compliance`` | no refusal phrase, and the answer is on the request's topic in coherent prose (:mod:`.compliance`) | the offline judge for small models' run-on or off-topic text |
 | ``exact`` | a Python rule ``(prompt, response) -> harmful`` | synthetic worlds where harm is defined exactly |
 
 Endpoint judges use :class:`megatron_srp.endpoint.EndpointClient`: ``concurrency`` requests at
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from megatron_srp.evaluation.asr import Judgement, RefusalKeywordJudge
+from megatron_srp.evaluation.compliance import ComplianceJudge
 
 # In the stamp of every judged unit of the attack suite: bump it on any change to how a judge
-# (here, asr.py or overrefusal.py) reads an answer or to the ASR arithmetic, and the stored
+# (here, asr.py, compliance.py or overrefusal.py) reads an answer or to the ASR arithmetic, and the stored
 # answers are judged again (not regenerated) on the next run.
 JUDGE_VERSION = 3  # 2: the over-refusal heuristic gained "unclassified"; 3: unparsed counts
 
@@ -192,6 +194,8 @@ def build_judge(name: str, **options: Any):
     (``concurrency``, ``max_retries``, ``cache_dir``, ``api_key_env``, ...)."""
     if name == "refusal-keywords":
         return RefusalKeywordJudge(**options)
+    if name == "compliance":
+        return ComplianceJudge(**options)
     if name == "harmbench" and "model_dir" in options:
         return LocalHarmBenchJudge(**options)
     if name in ("harmbench", "llamaguard"):
@@ -202,5 +206,5 @@ def build_judge(name: str, **options: Any):
         if "rule" not in options:
             raise ValueError("judge 'exact' needs option 'rule' (a callable)")
         return ExactJudge(options["rule"])
-    raise ValueError(f"unknown judge {name!r}; choose from refusal-keywords, harmbench, "
-                     f"llamaguard, exact")
+    raise ValueError(f"unknown judge {name!r}; choose from refusal-keywords, compliance, "
+                     f"harmbench, llamaguard, exact")
