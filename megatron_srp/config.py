@@ -169,6 +169,9 @@ class FinetuneConfig:
     valid_records: int = 0  # held out (after a seeded shuffle) for a validation loss
     epochs: float = 1.0
     warmup_fraction: float = 0.03
+    # what the loss covers: "answer" (text and closing token), "reflection" (each answer's
+    # reflections and the closing token after one), or "both" (data/chat.py)
+    loss_on: str = "both"
 
 
 @dataclass

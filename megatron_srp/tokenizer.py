@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import tokenizers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron_srp.chat_template import ChatSpec, read_hf_chat
 from megatron_srp.taxonomy import EOD, PAD, REFLECT_CLOSE, REFLECT_OPEN, SPECIAL_TOKENS, UNSAFE_TAG
 from megatron_srp.token_offsets import byte_length_table, encode_with_offsets
 
@@ -64,7 +65,8 @@ class SRPTokenizer:
     in place (the special tokens are added to it), so do not share it with other code.
     """
 
-    def __init__(self, tokenizer: Tokenizer, name: str, provenance: dict[str, Any] | None = None):
+    def __init__(self, tokenizer: Tokenizer, name: str, provenance: dict[str, Any] | None = None,
+                 chat: ChatSpec | None = None):
         tokenizer.add_special_tokens(
             [
                 AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)
@@ -78,6 +80,14 @@ class SRPTokenizer:
         self._vocab_size = max(vocab.values()) + 1
         self.special_token_ids: dict[str, int] = {t: vocab[t] for t in SPECIAL_TOKENS}
         self.fingerprint = tokenizer_fingerprint(tokenizer)
+        # An imported model's own chat format (chat_template.py); None: the project's format.
+        # Not part of the fingerprint: it changes how conversations are written, not the ids.
+        self.chat = chat
+        if chat is not None:
+            missing = [t for t in (chat.end_of_turn, *chat.stop_tokens) if t not in vocab]
+            if missing:
+                raise ValueError(f"tokenizer {name}: the chat format's token(s) {missing} are "
+                                 f"not in the vocabulary")
 
     @classmethod
     def from_dir(cls, path: str | Path) -> SRPTokenizer:
@@ -98,7 +108,7 @@ class SRPTokenizer:
             ) from exc
         srp_file = path / SRP_FILE
         if not srp_file.is_file():
-            return cls(hf, name=path.resolve().name)
+            return cls(hf, name=path.resolve().name, chat=read_hf_chat(path))
         try:
             record = json.loads(srp_file.read_text(encoding="utf-8"))
             name, expected_fp, expected_ids = (
@@ -108,7 +118,9 @@ class SRPTokenizer:
             )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{srp_file}: corrupt tokenizer record ({exc!r})") from exc
-        tok = cls(hf, name=name, provenance=record.get("provenance"))
+        chat = record.get("chat")
+        tok = cls(hf, name=name, provenance=record.get("provenance"),
+                  chat=ChatSpec.from_dict(chat, f"{srp_file}:chat") if chat else None)
         if tok.fingerprint != expected_fp or tok.special_token_ids != expected_ids:
             raise ValueError(
                 f"{path}: tokenizer does not match {SRP_FILE} (fingerprint {tok.fingerprint} vs "
@@ -134,6 +146,7 @@ class SRPTokenizer:
             "vocab_size": self.vocab_size,
             "special_tokens": dict(self.special_token_ids),
             "provenance": self.provenance,
+            **({"chat": self.chat.to_dict()} if self.chat is not None else {}),
         }
 
     @property
@@ -148,6 +161,19 @@ class SRPTokenizer:
     @property
     def pad(self) -> int:
         return self.special_token_ids[PAD]
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn: the chat format's, else end of document."""
+        if self.chat is None:
+            return self.eod
+        return self._tokenizer.token_to_id(self.chat.end_of_turn)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Tokens that end generation: end of document and the chat format's stop tokens."""
+        extra = self.chat.stop_tokens if self.chat is not None else ()
+        return frozenset([self.eod, *(self._tokenizer.token_to_id(t) for t in extra)])
 
     @property
     def reflect_open_id(self) -> int:

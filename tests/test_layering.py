@@ -23,7 +23,8 @@ PACKAGE = REPO_ROOT / "megatron_srp"
 
 # The modules at the root of the package that form the bottom layer; they may import each other
 # (test 1 keeps that free of circles). Every other name is a layer of its own.
-BOTTOM = ("__init__", "taxonomy", "units", "endpoint", "token_offsets", "tokenizer", "documents",
+BOTTOM = ("__init__", "taxonomy", "units", "endpoint", "token_offsets", "chat_template", "tokenizer",
+          "documents",
           "compat", "cli", "presets", "config")
 # Lowest first. A layer may import itself and the layers of lower rank; layers of equal rank
 # (inference and deploy, medsafetyworld and bench) may not import each other.

@@ -7,8 +7,12 @@ A record is one exchange, ``{"prompt": ..., "response": ...}`` (key names config
     <|endoftext|>User: {prompt}\\nAssistant: {response}<|endoftext|>
 
 and tokenised with the run's tokenizer, so reflection markers and the harmfulness tag in a
-response keep their special-token ids. The loss mask is 1 exactly on the answer tokens and the
-closing end-of-document token (the model learns to stop), 0 on the prompt and the template.
+response keep their special-token ids. A model with its own chat format (an import; the
+tokenizer's ``chat``, chat_template.py) is written in that format instead, system prompt and
+all. The loss covers the answer tokens and the token that closes the turn (the model learns to
+stop), never the prompt or the template; ``loss_on`` narrows it to the answer's text
+(``answer``), to its reflections and the closing token after one (``reflection``: the model
+learns to judge its answers without its answers changing), or keeps both (``both``).
 Samples have the run's sequence length: shorter ones are padded (mask 0); longer ones are cut,
 and counted, never silently. Items are dicts of ``tokens, labels, loss_mask, position_ids``,
 what the training loop's ``collate`` stacks.
@@ -22,7 +26,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from megatron_srp.chat_template import ANSWER, REFLECTION, encode_conversation, mark_reflections
+
 USER, ASSISTANT = "User: ", "\nAssistant: "
+LOSS_ON = {"answer": (ANSWER,), "reflection": (REFLECTION,), "both": (ANSWER, REFLECTION)}
 
 
 class ChatDataError(ValueError):
@@ -42,9 +49,9 @@ def _turns(record: dict, fmt: ChatFormat, where: str) -> list[tuple[str, str]]:
     if "messages" in record:
         turns = []
         for m in record["messages"]:
-            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") \
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
-                raise ChatDataError(f"{where}: each message needs role user/assistant and "
+                raise ChatDataError(f"{where}: each message needs role system/user/assistant and "
                                     f"string content, got {str(m)[:80]!r}")
             turns.append((m["role"], m["content"]))
         if not any(r == "assistant" for r, _ in turns):
@@ -58,9 +65,31 @@ def _turns(record: dict, fmt: ChatFormat, where: str) -> list[tuple[str, str]]:
 
 
 def encode_chat(turns: Sequence[tuple[str, str]], tokenizer) -> tuple[list[int], list[int]]:
-    """``(ids, mask)``: the rendered exchange and 1 where the loss applies."""
+    """``(ids, kinds)``: the rendered exchange, and per token 0 (no loss), ``ANSWER`` or
+    ``REFLECTION`` (chat_template.py); :func:`loss_mask` turns kinds into a mask."""
+    if getattr(tokenizer, "chat", None) is not None:
+        ids, kinds = encode_conversation(tokenizer.chat, turns, tokenizer.tokenize,
+                                         tokenizer.end_of_turn_id)
+    else:
+        ids, kinds = _encode_own_format(turns, tokenizer)
+    return ids, mark_reflections(ids, kinds, tokenizer.reflect_open_id,
+                                 tokenizer.reflect_close_id, (tokenizer.end_of_turn_id,))
+
+
+def loss_mask(kinds: Sequence[int], loss_on: str = "both") -> list[int]:
+    """1 where ``loss_on`` (answer, reflection or both) trains, else 0."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+    return [1 if k in LOSS_ON[loss_on] else 0 for k in kinds]
+
+
+def _encode_own_format(turns: Sequence[tuple[str, str]], tokenizer
+                       ) -> tuple[list[int], list[int]]:
     ids, mask = [tokenizer.eod], [0]
     for role, text in turns:
+        if role == "system":
+            raise ChatDataError("the project's chat format has user and assistant turns only; "
+                                "a system message needs a model with its own chat format")
         if role == "user":
             piece = tokenizer.tokenize(USER + text)
             ids += piece
@@ -101,21 +130,24 @@ def read_chat_jsonl(path: str | Path, fmt: Optional[ChatFormat] = None
 
 
 class SFTDataset:
-    """Fixed-length samples with the loss on the answers (see the module docstring)."""
+    """Fixed-length samples with the loss on the answers, their reflections or both
+    (``loss_on``; see the module docstring)."""
 
     def __init__(self, conversations: Sequence[Sequence[tuple[str, str]]], tokenizer,
-                 seq_length: int) -> None:
+                 seq_length: int, loss_on: str = "both") -> None:
         self.seq_length = seq_length
+        self.loss_on = loss_on
         self.pad = tokenizer.pad
         self.samples: list[tuple[np.ndarray, np.ndarray]] = []
         self.truncated = 0
         self.without_answer = 0
         for turns in conversations:
-            ids, mask = encode_chat(turns, tokenizer)
+            ids, kinds = encode_chat(turns, tokenizer)
+            mask = loss_mask(kinds, loss_on)
             if len(ids) > seq_length + 1:
                 self.truncated += 1
                 ids, mask = ids[:seq_length + 1], mask[:seq_length + 1]
-            if sum(mask[1:]) == 0:  # the cut left no answer token to learn from
+            if sum(mask[1:]) == 0:  # nothing to learn from (cut off, or no reflection)
                 self.without_answer += 1
                 continue
             self.samples.append((np.array(ids, dtype=np.int64), np.array(mask, dtype=np.int64)))

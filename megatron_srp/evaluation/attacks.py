@@ -22,6 +22,7 @@ TEMPLATES = {
     # (text before the request, text after it): how a model of each stage is asked
     "plain": ("", ""),           # a base model continues the request as text
     "chat": (USER, ASSISTANT),   # a finetuned model, in the chat format of data/chat.py
+    "model": None,               # the model's own chat format (an import's; chat_template.py)
 }
 
 
@@ -32,10 +33,17 @@ def attack_ids(tokenizer, prompt: str, template: str = "plain",
     exactly these ids, so the suffix is evaluated as it was found."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
-    before, after = TEMPLATES[template]
+    start = [tokenizer.eod]
+    if template == "model":
+        if getattr(tokenizer, "chat", None) is None:
+            raise ValueError("template 'model' needs a model with its own chat format (an "
+                             "import of an instruct model); this tokenizer has none: use 'chat'")
+        (before, after), start = tokenizer.chat.around_request(), []
+    else:
+        before, after = TEMPLATES[template]
     if not suffix_ids:
-        return [tokenizer.eod] + tokenizer.tokenize(before + prompt + after)
-    return ([tokenizer.eod] + tokenizer.tokenize(f"{before}{prompt} ") + list(suffix_ids)
+        return start + tokenizer.tokenize(before + prompt + after)
+    return (start + tokenizer.tokenize(f"{before}{prompt} ") + list(suffix_ids)
             + tokenizer.tokenize(after))
 
 

@@ -4,7 +4,9 @@
 log-probability. A continuation that produces the end-of-document token (with ``stop_at_eod``)
 or the harmfulness tag is finished; a prompt is done once it has ``num_beams`` finished
 continuations (or at ``max_new_tokens``, when the live beams count as finished), and its
-answer is the finished one with the best ``score / new_tokens ** length_penalty``.
+answer is the finished one with the best ``score / new_tokens ** length_penalty``, where
+``new_tokens`` counts the stop token, whose log-probability is in the score (as in
+``transformers``).
 
 **SafeBeam** (Maini et al. 2025, Algorithm 1): at each step every beam proposes its
 ``top_n`` most likely next tokens. Each candidate y' is fed to the model once more, which gives
@@ -210,7 +212,10 @@ def _choose(st: _Prompt, order: list[int], toks: list[int], scores: list[float],
         ids = parents_ids[c] + [toks[c]]
         if toks[c] in stops:
             if rank < cfg.num_beams:
-                st.finished.append((_normalised(scores[c], len(ids) - 1, cfg.length_penalty),
+                # the stop token is counted in the length, as its log-probability is in the
+                # score (transformers does the same); without it a finished answer was
+                # penalised by (n+1)/n and lost to a run-on
+                st.finished.append((_normalised(scores[c], len(ids), cfg.length_penalty),
                                     ids[:-1], toks[c], scores[c]))
             continue
         if len(beams) < cfg.num_beams:
@@ -256,7 +261,7 @@ def beam_search(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
         return []
     safe = isinstance(cfg, SafeBeamConfig)
     tag = tag_id(tokenizer)
-    stops = {tag} | ({tokenizer.eod} if cfg.stop_at_eod else set())
+    stops = {tag} | (set(tokenizer.stop_ids) if cfg.stop_at_eod else set())
     contexts = prepare_prompts(tokenizer, prompt_ids, cfg.max_new_tokens,
                                int(model.max_sequence_length))
     dev = _device_of(model)

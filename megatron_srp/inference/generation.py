@@ -52,7 +52,7 @@ def sample_ids(model, tokenizer: SRPTokenizer, prompt_ids: Sequence[Sequence[int
     contexts = prepare_prompts(tokenizer, prompt_ids, gen.max_new_tokens,
                                int(model.max_sequence_length))
     dev = _device_of(model)
-    stops = set(stop_ids) | ({tokenizer.eod} if gen.stop_at_eod else set())
+    stops = set(stop_ids) | (set(tokenizer.stop_ids) if gen.stop_at_eod else set())
     if limits is None:
         limits = [gen.max_new_tokens] * len(contexts)
     elif len(limits) != len(contexts) or any(not 1 <= n <= gen.max_new_tokens for n in limits):

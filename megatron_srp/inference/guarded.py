@@ -129,6 +129,7 @@ class _Ids:
         self.open = tokenizer.tokenize(REFLECT_OPEN)[0]
         self.close = tokenizer.tokenize(REFLECT_CLOSE)[0]
         self.eod = tokenizer.eod
+        self.stops = tokenizer.stop_ids  # end of document, and the chat format's end of turn
         self.safe_first = tokenizer.tokenize(format_reflection(True))[1]
         self.unsafe_first = tokenizer.tokenize(format_reflection(False, include_category=False))[1]
 
@@ -258,7 +259,7 @@ def _advance(row: _Row, drawn: int, tokenizer: SRPTokenizer, ids: _Ids, cfg: Gua
     if drawn == ids.open:  # the model opens a reflection itself
         row.mode, row.label = "label", []
         return ids.open
-    if drawn == ids.eod and cfg.sampling.stop_at_eod:
+    if drawn in ids.stops and cfg.sampling.stop_at_eod:
         return _end(row, tokenizer, "eod", ids)
     row.out.append(drawn)
     row.since += 1

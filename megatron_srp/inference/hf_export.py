@@ -50,6 +50,25 @@ def chat_template() -> str:
             "{% endif %}")
 
 
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+    """``(bos, eos)`` ids of the export: a model with its own chat format keeps the original's
+    (SmolLM2-Instruct: ``<|im_start|>``, ``<|im_end|>``); a model trained here uses the
+    end-of-document token for both."""
+    chat = getattr(tokenizer, "chat", None)
+    if chat is None:
+        return tokenizer.eod, tokenizer.eod
+    vocab = tokenizer.token_to_id
+    bos = vocab(chat.bos_token) if chat.bos_token else None
+    return (tokenizer.eod if bos is None else bos), vocab(chat.eos_token or chat.end_of_turn)
+
+
+def generation_defaults(tokenizer: Any) -> dict:
+    """``generation_config.json``'s decoding defaults: the original's for an import with a chat
+    format (greedy unless it sampled), else the project's sampler's (``DECODING_DEFAULTS``)."""
+    chat = getattr(tokenizer, "chat", None)
+    return dict(chat.generation) if chat is not None else dict(DECODING_DEFAULTS)
+
+
 def _first(state: dict[str, torch.Tensor], *names: str) -> torch.Tensor:
     for name in names:
         if name in state:
@@ -101,27 +120,31 @@ def llama_config(shape: ModelShape, tokenizer: Any, max_positions: int, dtype: s
         "hidden_act": "silu", "max_position_embeddings": max_positions,
         "rms_norm_eps": shape.norm_epsilon, "rope_theta": shape.rotary_base,
         "tie_word_embeddings": shape.tie_embeddings, "attention_bias": False,
-        "mlp_bias": False, "bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod,
+        "mlp_bias": False, "bos_token_id": special_ids(tokenizer)[0],
+        "eos_token_id": special_ids(tokenizer)[1],
         "pad_token_id": tokenizer.pad, "torch_dtype": dtype,
     }
 
 
 def _write_tokenizer(tokenizer: Any, out: Path, max_positions: int) -> None:
-    """``tokenizer.json`` plus the config files ``AutoTokenizer`` reads: the finetuning chat
-    template, and padding on the left, so that batched ``generate`` continues each prompt from
-    its own last token rather than after pad tokens."""
+    """``tokenizer.json`` plus the config files ``AutoTokenizer`` reads: the chat template (the
+    model's own, else the finetuning format's), and padding on the left, so that batched
+    ``generate`` continues each prompt from its own last token rather than after pad tokens."""
     tokenizer.save(out)  # tokenizer.json + srp_tokenizer.json
-    eod = tokenizer.detokenize([tokenizer.eod])
+    bos_id, eos_id = special_ids(tokenizer)
+    bos, eod = tokenizer.detokenize([bos_id]), tokenizer.detokenize([eos_id])
     pad = tokenizer.detokenize([tokenizer.pad])
+    template = tokenizer.chat.template if tokenizer.chat is not None else chat_template()
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_positions,
-        "bos_token": eod, "eos_token": eod, "pad_token": pad, "add_bos_token": False,
+        "bos_token": bos, "eos_token": eod, "pad_token": pad, "add_bos_token": False,
         "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "padding_side": "left", "chat_template": chat_template(),
-        "additional_special_tokens": [t for t in tokenizer.special_tokens if t not in (eod, pad)],
+        "padding_side": "left", "chat_template": template,
+        "additional_special_tokens": [t for t in tokenizer.special_tokens
+                                      if t not in (bos, eod, pad)],
     }, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": eod, "eos_token": eod, "pad_token": pad}, indent=2) + "\n")
+        {"bos_token": bos, "eos_token": eod, "pad_token": pad}, indent=2) + "\n")
 
 
 def to_hf_llama(model, cfg, tokenizer, dtype: str = "float32"):
@@ -171,8 +194,8 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         (staging / "config.json").write_text(json.dumps(
             llama_config(shape, tokenizer, max_positions, dtype), indent=2) + "\n")
         (staging / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod,
-             "pad_token_id": tokenizer.pad, **DECODING_DEFAULTS}, indent=2) + "\n")
+            {"bos_token_id": special_ids(tokenizer)[0], "eos_token_id": special_ids(tokenizer)[1],
+             "pad_token_id": tokenizer.pad, **generation_defaults(tokenizer)}, indent=2) + "\n")
         _write_tokenizer(tokenizer, staging, max_positions)
         (staging / EXPORT_FILE).write_text(json.dumps(
             {"checkpoint": str(source.resolve()), "preset": cfg.model.preset,

@@ -313,6 +313,7 @@ def generate_ids(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
     dev = _device_of(model)
     window = _context_length(model)
     eod = tokenizer.eod
+    stop_ids = torch.tensor(sorted(tokenizer.stop_ids), device=dev)
     contexts = [list(ids) if len(ids) else [eod] for ids in prompt_ids]
     lengths = [len(c) for c in contexts]
     b, total = len(contexts), max(lengths) + gen.max_new_tokens
@@ -336,7 +337,7 @@ def generate_ids(model, tokenizer: SRPTokenizer, prompt_ids: list[list[int]],
             nxt = _next_tokens(logits, gen, generators, active)
             tokens[:, t] = torch.where(active, nxt, tokens[:, t])
             if gen.stop_at_eod:
-                hit = active & (nxt == eod)
+                hit = active & torch.isin(nxt, stop_ids)
                 eod_at = torch.where(hit, torch.full_like(eod_at, t), eod_at)
                 done |= hit
     finally:

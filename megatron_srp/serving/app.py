@@ -29,8 +29,14 @@ from megatron_srp.serving.protocol import (APIError, ChatRequest, CompletionRequ
 
 
 def chat_prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
-    """The prompt a chat-finetuned checkpoint is asked with: its finetuning format
-    (data/chat.py) up to the assistant's turn. A system message opens the first user turn."""
+    """The prompt a chat model is asked with. A model with its own chat format (an import) gets
+    it, rendered as ``apply_chat_template(add_generation_prompt=True)`` would. A checkpoint
+    trained here gets its finetuning format (data/chat.py) up to the assistant's turn; there a
+    system message opens the first user turn."""
+    if getattr(tokenizer, "chat", None) is not None:
+        text = tokenizer.chat.render([{"role": r, "content": t} for r, t in messages],
+                                     add_generation_prompt=True)
+        return tokenizer.tokenize(text)
     turns: list[tuple[str, str]] = []
     system = [text for role, text in messages if role == "system"]
     for role, text in messages:

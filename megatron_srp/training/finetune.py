@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_srp.config import ConfigError, ExperimentConfig, load_config
-from megatron_srp.data.chat import ChatFormat, SFTDataset, read_chat_jsonl
+from megatron_srp.data.chat import LOSS_ON, ChatFormat, SFTDataset, read_chat_jsonl
 from megatron_srp.tokenizer import SRPTokenizer
 from megatron_srp.training import checkpoint as ckpt
 from megatron_srp.training import parallel
@@ -146,15 +146,22 @@ def _load_chat(cfg: ExperimentConfig, tokenizer: SRPTokenizer
     if f.max_records is not None:
         conversations = conversations[:f.max_records]
     train_convs, valid_convs = split_records(conversations, f.valid_records, cfg.train.seed)
-    train = SFTDataset(train_convs, tokenizer, cfg.train.seq_length)
+    if f.loss_on not in LOSS_ON:
+        raise ConfigError("finetune.loss_on", f"must be one of {', '.join(LOSS_ON)}, got "
+                                              f"{f.loss_on!r}")
+    train = SFTDataset(train_convs, tokenizer, cfg.train.seq_length, f.loss_on)
     if len(train) == 0:
-        raise ConfigError("finetune.data", "no record has an answer token within "
-                                           f"train.seq_length={cfg.train.seq_length}")
-    valid = SFTDataset(valid_convs, tokenizer, cfg.train.seq_length) if valid_convs else None
+        raise ConfigError("finetune.data", f"no record has a token to train on (loss_on="
+                                           f"{f.loss_on}) within train.seq_length="
+                                           f"{cfg.train.seq_length}")
+    valid = (SFTDataset(valid_convs, tokenizer, cfg.train.seq_length, f.loss_on)
+             if valid_convs else None)
     stats = train.stats()
     facts = {"data": list(f.data), "records": len(conversations), "train_samples": len(train),
              "valid_samples": len(valid) if valid else 0, "truncated": stats["truncated"],
-             "dropped_without_answer": stats["dropped_without_answer"], "epochs": f.epochs}
+             "dropped_without_answer": stats["dropped_without_answer"], "epochs": f.epochs,
+             "loss_on": f.loss_on,
+             "chat_format": tokenizer.chat.source if tokenizer.chat else "project"}
     return train, valid, facts
 
 

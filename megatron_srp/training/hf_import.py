@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -181,9 +181,11 @@ def _config_digest(hf: HFLlama) -> str:
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
-              options: Optional[ImportOptions] = None) -> ImportReport:
+              options: Optional[ImportOptions] = None, source: Optional[dict] = None
+              ) -> ImportReport:
     """Import the Llama directory ``hf_dir`` as the run directory ``out_dir`` (see the module
-    doc). Raises :class:`HFImportError` (nothing written) for a directory it cannot import."""
+    doc). Raises :class:`HFImportError` (nothing written) for a directory it cannot import.
+    ``source``: what ``hf_dir`` was made from (a GGUF import's file and hash), recorded."""
     options = options or ImportOptions()
     if options.new_rows not in NEW_ROWS:
         raise HFImportError(f"new_rows must be one of {', '.join(NEW_ROWS)}, got "
@@ -195,14 +197,18 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     weights = WeightIndex(hf_dir)
     check_weights(hf, weights)
     tokenizer, new_ids = load_tokenizer(hf)
+    if source and source.get("chat_source") and tokenizer.chat is not None:
+        tokenizer.chat = replace(tokenizer.chat, source=source["chat_source"])
     dtype = _dtype(options, hf)
     cfg = import_config(hf, dtype, options)
     facts = {"precision": DTYPES[dtype], "layer_backend": "local",
              "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint},
              "imported_from": {"path": str(hf.path.resolve()), "config_sha256": _config_digest(hf),
                                "hf_vocab_size": hf.vocab_size, "new_token_ids": new_ids,
-                               "new_rows": options.new_rows, "dtype": dtype}}
-
+                               "new_rows": options.new_rows, "dtype": dtype, **(source or {})},
+             "chat_format": tokenizer.chat.source if tokenizer.chat else None}
+    if source:
+        tokenizer.provenance = {"imported_from": source.get("gguf", str(hf.path.resolve()))}
     with staged_directory(out) as staging:
         with _one_process(cfg):
             model = build_model_chunks(cfg, tokenizer.vocab_size, DTYPES[dtype], False)
