@@ -27,7 +27,11 @@ class StageSpec:
     name: str = "???"
     checkpoint: Optional[str] = None     # an existing run (the pretrained base) ...
     finetune: Optional[FinetuneStep] = None  # ... or a finetune of an earlier stage
-    template: str = "chat"               # how this stage is asked: plain | chat
+    template: str = "chat"               # how this stage is asked: plain | chat | model
+    methods: Optional[list[str]] = None  # decoding methods for this stage (default: methods)
+    window: Optional[int] = None         # context window to decode with (default: the run's
+    #                                      train.seq_length); e.g. a finetune trained on short
+    #                                      samples of a long-context model, asked at full length
 
 
 @dataclass
@@ -83,6 +87,11 @@ class AttackSuiteConfig:
     gcg: GCGSpec = field(default_factory=GCGSpec)
 
 
+def stage_methods(cfg: AttackSuiteConfig, st: StageSpec) -> list[str]:
+    """The decoding methods a stage is measured with: its own list, else the suite's."""
+    return list(st.methods) if st.methods is not None else list(cfg.methods)
+
+
 def load_suite_config(path: str | os.PathLike, overrides: Optional[list[str]] = None
                       ) -> AttackSuiteConfig:
     cfg = load_yaml_config(AttackSuiteConfig, path, overrides)
@@ -107,6 +116,14 @@ def validate_suite(cfg: AttackSuiteConfig) -> None:
                                    "finetune (a finetune of an earlier stage)")
         if st.template not in TEMPLATES:
             raise ConfigError(f"{key}.template", f"choose from {', '.join(TEMPLATES)}")
+        if st.methods is not None:
+            bad = sorted(set(st.methods) - set(METHODS))
+            if bad or not st.methods:
+                raise ConfigError(f"{key}.methods", f"unknown {bad}; choose from "
+                                                    f"{', '.join(METHODS)}")
+        if st.window is not None and st.window <= cfg.max_new_tokens:
+            raise ConfigError(f"{key}.window", f"must exceed max_new_tokens "
+                                               f"({cfg.max_new_tokens}), got {st.window}")
         f = st.finetune
         if f is not None:
             if f.start not in seen:

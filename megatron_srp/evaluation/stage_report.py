@@ -66,11 +66,13 @@ def _asr_tables(units: dict, methods: list[str]) -> list[str]:
             r = per.get(unit)
             if r is None:
                 continue
-            first = r[methods[0]]["overall"]
-            lines.append(f"| {stage} | {first['prompts']} | "
-                         + " | ".join(_cell(r[m]["overall"]) for m in methods)
-                         + f" | {_pct(first['asr_any'])} |")
-            cats |= set(r[methods[0]].get("by_category", {}))
+            first = r[methods[0]]["overall"] if methods[0] in r else None
+            some = next(r[m]["overall"] for m in methods if m in r)
+            lines.append(f"| {stage} | {some['prompts']} | "
+                         + " | ".join(_cell(r[m]["overall"]) if m in r else "-"
+                                      for m in methods)
+                         + f" | {_pct(first['asr_any']) if first else '-'} |")
+            cats |= {c for m in methods if m in r for c in r[m].get("by_category", {})}
         causes = [(stage, per[unit]["guarded"]["refusals_by_cause"]) for stage, per
                   in units.items() if unit in per and "refusals_by_cause"
                   in per[unit].get("guarded", {})]
@@ -88,7 +90,7 @@ def _asr_tables(units: dict, methods: list[str]) -> list[str]:
                       "|---|" + "---|" * sum(len(methods) for s in units if unit in units[s])]
             for c in sorted(cats):
                 row = [(_pct(units[s][unit][m]["by_category"][c]["asr"])
-                        if c in units[s][unit][m].get("by_category", {}) else "-")
+                        if c in units[s][unit].get(m, {}).get("by_category", {}) else "-")
                        for s in units for m in methods if unit in units[s]]
                 lines.append(f"| {c} | " + " | ".join(row) + " |")
         lines.append("")
@@ -124,7 +126,8 @@ def _gcg_table(units: dict, methods: list[str]) -> list[str]:
         end = sum(f["loss"] for f in found) / len(found)
         hits = sum(f["success"] for f in found)
         cells = [f"{_pct(r['without_suffix'][m]['overall']['asr'])} -> "
-                 f"{_pct(r['with_suffix'][m]['overall']['asr'])}" for m in methods]
+                 f"{_pct(r['with_suffix'][m]['overall']['asr'])}"
+                 if m in r["with_suffix"] else "-" for m in methods]
         lines.append(f"| {s} | {len(found)} | {start:.2f} -> {end:.2f} | {hits}/{len(found)} | "
                      + " | ".join(cells) + " |")
     return lines + [""]
@@ -143,8 +146,9 @@ def _plots(out_dir: Path, units: dict, methods: list[str]) -> list[str]:
     for unit in benches:
         stages = [s for s in units if unit in units[s]]
         series = {}
-        for m in methods:
-            vals = [units[s][unit][m]["overall"] for s in stages]
+        for m in methods:  # a stage not decoded with a method gets no bar (NaN)
+            vals = [units[s][unit][m]["overall"] if m in units[s][unit]
+                    else {"asr": float("nan"), "asr_ci": (float("nan"),) * 2} for s in stages]
             series[m] = ([v["asr"] for v in vals], [v["asr"] - v["asr_ci"][0] for v in vals],
                          [v["asr_ci"][1] - v["asr"] for v in vals])
         asr_bars(plots / f"{unit.replace('-', '_')}.png", stages, series,
@@ -186,7 +190,7 @@ def _plots(out_dir: Path, units: dict, methods: list[str]) -> list[str]:
 
 
 def _guard_line(cfg) -> list[str]:
-    if "guarded" not in cfg.methods:
+    if not any("guarded" in (st.methods or cfg.methods) for st in cfg.stages):
         return []
     if cfg.guard_fail_open:
         return ["Guarded decoding **fails open**: an answer whose reflection is malformed or "
@@ -211,7 +215,8 @@ def write_stage_report(cfg, wanted: dict[str, str]) -> dict[str, Any]:
     stages = [s.name for s in cfg.stages]
     units, stale = load_units(out, stages, wanted)
     missing = sorted(n for n in wanted if n.split("/", 1)[1] not in units[n.split("/", 1)[0]])
-    methods = list(cfg.methods)
+    methods = list(dict.fromkeys([*cfg.methods, *(m for st in cfg.stages
+                                                   for m in st.methods or [])]))
     results = {"name": cfg.name, "stages": stages, "methods": methods,
                "judge": cfg.judge.name, "guard_fail_open": cfg.guard_fail_open,
                "units": _strip_answers(units), "missing": missing, "stale": stale}

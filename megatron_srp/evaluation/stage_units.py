@@ -47,15 +47,19 @@ def _spec(cfg: AttackSuiteConfig, unit: str):
 
 def answer_settings(cfg: AttackSuiteConfig, st: StageSpec, unit: str) -> dict[str, Any]:
     """What a unit's answers depend on besides the model (the batch size only groups work)."""
+    from megatron_srp.evaluation.stage_config import stage_methods
+
     base = {"unit": unit, "template": st.template, **_decode_settings(cfg)}
+    if st.window is not None:
+        base["window"] = st.window
     if unit == "overrefusal":  # one deterministic pass: the sample count does not matter
         o = asdict(cfg.overrefusal)
         del o["judge"]
         return {**base, "samples": None, **o}
     if unit.startswith("asr-"):
         return {**base, "benchmark": asdict(_spec(cfg, unit)) | {"stages": None},
-                "methods": cfg.methods}
-    return {**base, "gcg": asdict(cfg.gcg) | {"stages": None}, "methods": cfg.methods}
+                "methods": stage_methods(cfg, st)}
+    return {**base, "gcg": asdict(cfg.gcg) | {"stages": None}, "methods": stage_methods(cfg, st)}
 
 
 def judge_settings(cfg: AttackSuiteConfig, unit: str) -> dict[str, Any]:
@@ -70,11 +74,13 @@ def _answers(model, tok, behaviors, cfg: AttackSuiteConfig, st: StageSpec, desc:
     from tqdm import tqdm
 
     from megatron_srp.evaluation.attacks import attack_answers
+    from megatron_srp.evaluation.stage_config import stage_methods
 
-    rounds = sum(cfg.samples if m in ("topk", "guarded") else 1 for m in cfg.methods)
+    methods = stage_methods(cfg, st)
+    rounds = sum(cfg.samples if m in ("topk", "guarded") else 1 for m in methods)
     bar = tqdm(total=rounds * len(behaviors), desc=desc, disable=not progress, leave=False)
     try:
-        return attack_answers(model, tok, behaviors, cfg.methods, samples=cfg.samples,
+        return attack_answers(model, tok, behaviors, methods, samples=cfg.samples,
                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                               num_beams=cfg.num_beams, segment_tokens=cfg.segment_tokens,
                               template=st.template, suffixes=suffixes, progress=bar.update,

@@ -132,6 +132,8 @@ def run_suite(cfg: AttackSuiteConfig, progress: bool = True,
             if stored is None:
                 if loaded is None:
                     loaded = load_for_inference(path)
+                    if st.window is not None:  # every decoder reads the window from here
+                        loaded[0].max_sequence_length = st.window
                 log(f"stage {st.name}: {unit}")
                 stored = answers.put(name, said, su.generate(unit, loaded[0], loaded[1], cfg,
                                                              st, progress), **meta)

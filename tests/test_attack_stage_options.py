@@ -1,0 +1,80 @@
+"""The attack suite's per-stage options (``stages[].methods``, ``stages[].window``), the report
+with stages decoded by different methods, and the post-training report's arithmetic."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_srp.config import ConfigError
+from megatron_srp.evaluation.asr import attack_success
+from megatron_srp.evaluation.posttrain_report import balanced_accuracy
+from megatron_srp.evaluation.stage_config import load_suite_config, stage_methods
+from megatron_srp.evaluation.stage_report import _asr_tables
+from megatron_srp.evaluation.stage_units import answer_settings
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "real_model" / "attack.yaml"
+
+
+def test_the_real_model_config_loads_with_stage_methods():
+    cfg = load_suite_config(CONFIG)
+    got = {st.name: stage_methods(cfg, st) for st in cfg.stages}
+    assert got == {"import": ["greedy"], "reflect": ["greedy", "guarded"],
+                   "refusal-sft": ["greedy"]}
+    assert [st.window for st in cfg.stages] == [None, 1152, 1152]
+
+
+@pytest.mark.parametrize("stage, field, value", [
+    (1, "methods", ["greedy", "nucleus"]), (1, "methods", []), (2, "window", 64)])
+def test_bad_stage_options_name_the_key(stage, field, value, tmp_path):
+    data = yaml.safe_load(CONFIG.read_text())
+    data["stages"][stage][field] = value
+    bad = tmp_path / "suite.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=rf"stages\[{stage}\]\.{field}"):
+        load_suite_config(bad)
+
+
+def test_stamps_of_stages_without_the_options_are_unchanged():
+    """A stage that sets neither option asks exactly what it asked before they existed, so
+    earlier runs' stored answers stay valid."""
+    cfg = load_suite_config(CONFIG)
+    plain = cfg.stages[0]
+    s = answer_settings(cfg, plain, "asr-jailbreakbench")
+    assert "window" not in s and s["methods"] == list(cfg.methods)
+    windowed = answer_settings(cfg, cfg.stages[2], "asr-jailbreakbench")
+    assert windowed["window"] == 1152
+    assert answer_settings(cfg, cfg.stages[1], "asr-jailbreakbench")["methods"] == \
+        ["greedy", "guarded"]
+
+
+def _result(flags: list[bool]) -> dict:
+    return {**attack_success([[f] for f in flags], ["none"] * len(flags)),
+            "refusals_by_cause": {}}
+
+
+def test_report_marks_methods_a_stage_was_not_decoded_with():
+    units = {"import": {"asr-x": {"greedy": _result([True, False, False, False])}},
+             "reflect": {"asr-x": {"greedy": _result([True, True, False, False]),
+                                   "guarded": _result([False, False, False, False])}}}
+    lines = _asr_tables(units, ["greedy", "guarded"])
+    rows: dict[str, str] = {}
+    for line in lines:  # the ASR table's rows come first (the causes table follows)
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), line)
+    assert rows["import"].split(" | ")[3] == "-"
+    assert rows["import"].split(" | ")[2].startswith("25.0")
+    assert rows["reflect"].split(" | ")[3].startswith("0.0")
+    assert rows["reflect"].split(" | ")[4].strip(" |") == "50.0"
+
+
+def test_balanced_accuracy_by_hand():
+    truth = [True, True, True, False, False, False, False, False]
+    said = [True, False, False, False, False, True, False, False]
+    got = balanced_accuracy(truth, said)
+    assert (got["tp"], got["fn"], got["fp"], got["tn"]) == (1, 2, 1, 4)
+    assert got["balanced_accuracy"] == pytest.approx((1 / 3 + 4 / 5) / 2)
+    assert math.isnan(balanced_accuracy([False, False], [True, False])["tpr"])
