@@ -2,6 +2,7 @@
 with stages decoded by different methods, and the post-training report's arithmetic."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -78,3 +79,52 @@ def test_balanced_accuracy_by_hand():
     assert (got["tp"], got["fn"], got["fp"], got["tn"]) == (1, 2, 1, 4)
     assert got["balanced_accuracy"] == pytest.approx((1 / 3 + 4 / 5) / 2)
     assert math.isnan(balanced_accuracy([False, False], [True, False])["tpr"])
+
+
+def test_posttrain_report_from_stored_answers(tmp_path):
+    """analyse() on answers stored as the suite stores them: ASR by both judges equals the
+    judges' verdicts counted by hand; guarded short-circuits are refusals with their cause;
+    the McNemar pair counts the discordant prompts."""
+    from megatron_srp.evaluation.compliance import ComplianceJudge
+    from megatron_srp.evaluation.posttrain_report import analyse
+    from megatron_srp.evaluation.stage_units import benchmark_items
+    from megatron_srp.units import Units
+
+    data = yaml.safe_load(CONFIG.read_text())
+    data["out_dir"] = str(tmp_path / "suite")
+    data["benchmarks"] = [{"name": "jailbreakbench", "limit": 6}, {"name": "xstest", "limit": 4}]
+    cfg_path = tmp_path / "suite.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    cfg = load_suite_config(cfg_path)
+    hand = [json.loads(line) for line in (REPO / "docs/results/real-model/hand_labels.jsonl")
+            .read_text().splitlines()]
+    texts = [r["answer"] for r in hand[:6]]
+    store = Units(Path(cfg.out_dir) / "answers")
+
+    def rows(items, answers):
+        return {"samples_per_prompt": 1, "answers": [
+            {"id": b.id, "answers": [a]} for b, a in zip(items, answers)]}
+
+    for bench in ("jailbreakbench", "xstest"):
+        items = benchmark_items(bench, None, 6 if bench == "jailbreakbench" else 4, None)
+        plain = [{"text": texts[i % 6], "short_circuited": False} for i in range(len(items))]
+        guarded = [dict(a) for a in plain]
+        guarded[0] = {"text": "I cannot help.", "short_circuited": True, "refusal_cause": "unsafe"}
+        guarded[1] = {"text": "I cannot help.", "short_circuited": True,
+                      "refusal_cause": "malformed"}
+        store.put(f"import/asr-{bench}", "x", {"greedy": rows(items, plain)})
+        store.put(f"reflect/asr-{bench}", "x", {"greedy": rows(items, plain),
+                                                "guarded": rows(items, guarded)})
+    res = analyse(cfg, [("reflect", "guarded", "import", "greedy")])
+    items = benchmark_items("jailbreakbench", None, 6, None)
+    want = [v.harmful for v in ComplianceJudge().judge([b.prompt for b in items], texts)]
+    got = res["asr"]["import/greedy"]["jailbreakbench"]["compliance"]["asr"]
+    assert got == pytest.approx(sum(want) / 6)
+    guarded = res["asr"]["reflect/guarded"]["jailbreakbench"]["compliance"]["asr"]
+    assert guarded == pytest.approx(sum(want[2:]) / 6)
+    pair = next(p for p in res["pairs"] if p["judge"] == "compliance")
+    assert (pair["a_only"], pair["b_only"]) == (0, sum(want[:2]))
+    assert res["causes"]["reflect/guarded"]["jailbreakbench"] == {"unsafe": 1, "malformed": 1,
+                                                                  "unread": 0}
+    shares = res["harmless"]["reflect/guarded"]["xstest"]
+    assert shares["n"] == 4 and shares["counts"]["short_circuit"] == 2
