@@ -32,7 +32,7 @@ SUBCOMMANDS = {"medsafetyworld.py": ["run", "rejudge", "generate", "table"],
 # The tools (and subcommands) that print figures and so take --json FILE.
 JSON_TOOLS = {"estimate_memory.py", "bench_train.py", "bench_curriculum.py", "bench_generate.py", "bench_serve.py",
               "bench_preprocess.py", "evaluate_srp.py", "attack_srp.py", "medsafetyworld.py run",
-              "preprocess_srp.py", "train_classifier.py", "judge_agreement.py"}
+              "preprocess_srp.py", "train_classifier.py", "judge_agreement.py", "posttrain_report.py"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 

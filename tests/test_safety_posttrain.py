@@ -14,6 +14,7 @@ import pytest
 from megatron_srp.data import safety_posttrain as sp
 from megatron_srp.data.chat import encode_chat, loss_mask
 from megatron_srp.evaluation.benchmarks import load_benchmark
+from megatron_srp.evaluation.posttrain_labels import label_answers
 from megatron_srp.taxonomy import REFLECT_CLOSE, REFLECT_OPEN
 from megatron_srp.tokenizer import SRPTokenizer, default_tokenizer_dir
 
@@ -91,7 +92,7 @@ def _own_answers():
 @pytest.fixture(scope="module")
 def sets():
     prompts, answers = _own_answers()
-    labels = sp.label_answers(prompts, answers)
+    labels = label_answers(prompts, answers)
     return prompts, answers, labels, *sp.build_sets(prompts, answers, labels)
 
 

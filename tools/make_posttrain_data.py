@@ -18,10 +18,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from megatron_srp import cli
 from megatron_srp.data import safety_posttrain as sp
 from megatron_srp.evaluation.benchmarks import SHARED
 
 
+@cli.tool_main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,14 +40,16 @@ def main(argv=None) -> int:
                          "both sets")
     ap.add_argument("--split-only", action="store_true",
                     help="write the split and the evaluation files, answer nothing")
-    args = ap.parse_args(argv)
+    cli.add_common_args(ap, example="harmful")
+    args = cli.parse_args(ap, argv)
 
     out = Path(args.out)
     split = sp.evaluation_split(args.shared_data, args.seed)
     train, dropped = sp.training_prompts(args.shared_data, split, args.harmful, args.benign,
                                          args.seed)
     files = sp.write_benchmark_files(split, out, args.seed)
-    settings = {k: v for k, v in vars(args).items() if k != "split_only"}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("split_only", "config", "overrides", "no_progress")}
     (out / "split.json").write_text(json.dumps(sp.manifest(split, train, dropped, files,
                                                            settings), indent=1),
                                     encoding="utf-8")
@@ -55,16 +59,17 @@ def main(argv=None) -> int:
         return 0
 
     import torch
+    from megatron_srp.evaluation.posttrain_labels import label_answers, model_answerer
     from megatron_srp.inference.sample import load_for_inference
 
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_for_inference(args.model)
     t0 = time.time()
     answers = sp.own_answers(train, out / "answers.jsonl",
-                             sp.model_answerer(model, tokenizer, args.max_new_tokens),
+                             model_answerer(model, tokenizer, args.max_new_tokens),
                              args.batch_size)
     print(f"answers ready in {time.time() - t0:.0f} s")
-    labels = sp.label_answers(train, answers)
+    labels = label_answers(train, answers)
     reflect, refusal = sp.build_sets(train, answers, labels)
     reflect, refusal, long = sp.fit_length(reflect, refusal, tokenizer, args.seq_length)
     print(f"{long} prompts left out: longer than {args.seq_length} tokens in either set")

@@ -1,7 +1,7 @@
 """Tables of the reflection post-training comparison from an attack-suite run's stored answers.
 
     flock /tmp/cpu.lock .venv/bin/python tools/posttrain_report.py \
-        --config examples/real_model/attack.yaml --monitor reflect --monitor import \
+        --suite examples/real_model/attack.yaml --monitor reflect --monitor import \
         --json docs/results/real-model/posttrain_results.json
 
 ASR (keyword and compliance judges), McNemar tests of stage pairs, refusal rates on harmless
@@ -10,10 +10,9 @@ greedy answers against the compliance judge (loads the model). See
 megatron_srp/evaluation/posttrain_report.py.
 """
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from megatron_srp import cli
 from megatron_srp.evaluation import posttrain_report as pr
 from megatron_srp.evaluation.stage_config import load_suite_config
 
@@ -72,15 +71,17 @@ def tables(res: dict) -> list[str]:
     return lines
 
 
+@cli.tool_main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="the attack-suite config that was run")
+    ap.add_argument("--suite", required=True, metavar="FILE",
+                    help="the attack-suite config that was run")
     ap.add_argument("--monitor", action="append", default=[], metavar="STAGE",
                     help="read this stage's reflections on its greedy answers (repeatable)")
-    ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args(argv)
-    cfg = load_suite_config(args.config)
+    cli.add_common_args(ap, example="suite", json_help="append the results as one JSON line to FILE")
+    args = cli.parse_args(ap, argv)
+    cfg = load_suite_config(args.suite)
     res = pr.analyse(cfg, PAIRS)
     if args.monitor:
         import torch
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 model.max_sequence_length = st.window
             res["monitor"][name] = pr.self_monitoring(cfg, name, model, tok)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
+        cli.append_json(args.json, res)
     print("\n".join(tables(res)))
     return 0
 

@@ -12,9 +12,10 @@ Three steps, each written to disk so that the expensive one runs once:
    when its normalised text equals an evaluation prompt's or its word set overlaps one's by
    :data:`NEAR_DUPLICATE` (Jaccard) or more: JailbreakBench holds AdvBench- and
    HarmBench-sourced behaviours in slightly reworded form.
-2. **The model's own answers** (:func:`own_answers`): greedy, in the model's chat format
+2. **The model's own answers** (:func:`own_answers`, with
+   ``evaluation.posttrain_labels.model_answerer``): greedy, in the model's chat format
    (``attack_ids(tokenizer, prompt, "model")``), cached in a JSONL file keyed by prompt.
-3. **Labels and sets** (:func:`label_answers`, :func:`write_sets`). On a harmful-source prompt
+3. **Labels and sets** (``evaluation.posttrain_labels.label_answers``, :func:`build_sets`). On a harmful-source prompt
    the ``compliance`` judge decides: an answer that complies is Unsafe, with the category the
    embedded classifier's category head names for the prompt and answer (threshold 0, so it
    always names one); every other answer is Safe. ``reflect.jsonl``: the own answer with its
@@ -222,40 +223,6 @@ def own_answers(prompts: Sequence[Prompt], cache: str | Path, answer: Callable[[
             f.flush()
             log(f"  {min(start + batch_size, len(todo))}/{len(todo)}")
     return [stored[(p.id, p.prompt)] for p in prompts]
-
-
-def model_answerer(model, tokenizer, max_new_tokens: int) -> Callable[[list[str]], list[dict]]:
-    """Greedy answers in the model's own chat format, as the attack suite asks (``model``)."""
-    from megatron_srp.evaluation.attacks import attack_ids, decoding_config
-    from megatron_srp.inference.generation import decode_ids
-
-    config = decoding_config("greedy", max_new_tokens, 0)
-
-    def answer(prompts: list[str]) -> list[dict]:
-        ids = [attack_ids(tokenizer, p, "model") for p in prompts]
-        return [{"answer": r.text.strip(), "finish": r.finish}
-                for r in decode_ids(model, tokenizer, ids, config)]
-    return answer
-
-
-def label_answers(prompts: Sequence[Prompt], answers: Sequence[dict], judge=None,
-                  classifier=None) -> list[dict]:
-    """Per answer ``{"safe", "category", "reason"}``: Unsafe when the prompt is from a harmful
-    source and the ``compliance`` judge says the answer complies, with the classifier's
-    category for the prompt and answer; Safe otherwise."""
-    from megatron_srp.evaluation.compliance import ComplianceJudge
-
-    judge = judge or ComplianceJudge()
-    if classifier is None:
-        from megatron_srp.reflection.classifiers import build_classifier
-        classifier = build_classifier("embedded", threshold=0.0)
-    verdicts = judge.judge([p.prompt for p in prompts], [a["answer"] for a in answers])
-    unsafe = [i for i, (p, v) in enumerate(zip(prompts, verdicts)) if p.harmful and v.harmful]
-    cats = classifier.classify([f"{prompts[i].prompt}\n{answers[i]['answer']}" for i in unsafe])
-    out = [{"safe": True, "category": None, "reason": v.reason} for v in verdicts]
-    for i, c in zip(unsafe, cats):
-        out[i].update(safe=False, category=c.category)
-    return out
 
 
 def build_sets(prompts: Sequence[Prompt], answers: Sequence[dict], labels: Sequence[dict]
