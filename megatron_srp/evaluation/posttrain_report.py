@@ -107,6 +107,25 @@ def analyse(cfg, pairs: Sequence[tuple[str, str, str, str]]) -> dict[str, Any]:
     return out
 
 
+def side_by_side(cfg, bench: str, n: int, width: int = 160) -> list[dict[str, Any]]:
+    """The first ``n`` prompts of ``bench`` with every stage's and method's first answer (cut to
+    ``width`` characters; a guarded refusal shown with its cause), for reading beside the tables."""
+    from megatron_srp.evaluation.stage_config import stage_methods
+
+    rows = [{"prompt": b.prompt, "answers": {}} for b in _items(cfg, bench)[:n]]
+    for st in cfg.stages:
+        got = stored_answers(cfg.out_dir, st.name, bench) or {}
+        for m in stage_methods(cfg, st):
+            for row, item in zip(rows, got.get(m, {}).get("answers", [])):
+                a = item["answers"][0]
+                text = " ".join(a["text"].split())
+                if a["short_circuited"]:
+                    text = f"[refused: {a.get('refusal_cause') or 'unsafe'}] {text}"
+                row["answers"][f"{st.name}/{m}"] = text[:width] + ("..." if len(text) > width
+                                                                   else "")
+    return rows
+
+
 def balanced_accuracy(truth: Sequence[bool], said: Sequence[bool]) -> dict[str, Any]:
     """Of Unsafe (True) against Safe (False): the mean of the two classes' recalls (NaN for a
     class with no members), with the confusion counts."""
