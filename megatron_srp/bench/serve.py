@@ -40,12 +40,13 @@ class ServerProcess:
 
     def __init__(self, checkpoint: str | os.PathLike, args: Sequence[str] = (),
                  log_path: Optional[str | os.PathLike] = None, threads: int = 1,
-                 port: Optional[int] = None) -> None:
+                 port: Optional[int] = None, env: Optional[dict[str, str]] = None) -> None:
         self.checkpoint = str(checkpoint)
         self.args = list(args)
         self.port = port or free_port()
         self.log_path = Path(log_path) if log_path else None
         self.threads = threads
+        self.env = dict(env or {})
         self.proc: Optional[subprocess.Popen] = None
         self._log = None  # the open log file, closed when the server has stopped
 
@@ -54,7 +55,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 180.0) -> "ServerProcess":
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), **self.env}
         self._log = open(self.log_path, "ab") if self.log_path else None
         log = self._log if self._log is not None else subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -78,6 +79,20 @@ class ServerProcess:
 
     def health(self) -> dict[str, Any]:
         return httpx.get(self.base_url.removesuffix("/v1") + "/health", timeout=5.0).json()
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: the server drains (see :meth:`wait`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        """The server's exit code, once it has exited."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout_s)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
 
     def kill(self) -> None:
         """SIGKILL: the server dies at once, as in a crash."""
@@ -216,7 +231,9 @@ def bench_serve(checkpoint: str, requests: int = 64, max_tokens: int = 32,
     rates, name = offline(checkpoint, prompts, max_tokens, sizes)
     offline_tps = rates[len(prompts)]
     rows = []
-    with ServerProcess(checkpoint, ["--max-batch", str(max_batch)], threads=threads) as srv:
+    # No queue-wait limit: on a slow machine a request may wait for several long batches.
+    with ServerProcess(checkpoint, ["--max-batch", str(max_batch), "--max-queue-wait-s", "0"],
+                       threads=threads) as srv:
         run_load(srv.base_url, name, prompts[:4], max_tokens, 2)  # warm-up
         for c in concurrency:
             before = srv.health()

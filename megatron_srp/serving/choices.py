@@ -5,16 +5,20 @@ The engine's thread calls :meth:`Choice.on_token` for every new token. The choic
 text so far (together with the prompt, so a character split over two byte-level tokens comes out
 whole), ends the answer at the first stop string, and hands the text that is now certain to
 ``emit`` for streaming: never the start of a possible stop string, never half a character.
+With ``logprobs`` it records each token's log-probability (logprobs.py writes them out); the
+end-of-document token that ends an answer is recorded too (not in the text), as OpenAI's API
+does, so a harness asking for one token after an echoed prompt always gets one entry after it.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional
 
 import torch
 
 from megatron_srp.inference.results import GenerationResult
 from megatron_srp.inference.sample import _decode_continuation
+from megatron_srp.serving.logprobs import (TokenLogprob, chat_logprobs, completion_logprobs,
+                                           record)
 from megatron_srp.tokenizer import SRPTokenizer
 
 #: How a decoding ``finish`` is reported as OpenAI's ``finish_reason``.
@@ -38,14 +42,20 @@ class Choice:
         self.text = ""
         self.sent = 0  # characters of text already emitted
         self.hit_stop = False
-        self.token_logprobs: list[float] = []
-        self.top_logprobs: list[dict[str, float]] = []
+        self.entries: list[TokenLogprob] = []  # one per token of ids (with logprobs)
+        self.end_entry: Optional[TokenLogprob] = None  # the end-of-document token, if drawn
+        self.echo: Optional[list[TokenLogprob]] = None  # the prompt's, with echo
 
     def on_token(self, token: int, logits: torch.Tensor) -> bool:
-        """Record one new token; True ends the answer (a stop string was written)."""
+        """Record one new token; True ends the answer (a stop string was written, or the
+        end-of-document token was drawn)."""
+        if token in self.tokenizer.stop_ids:
+            if self.logprobs is not None:
+                self.end_entry = record(logits, token, self.logprobs)
+            return True
         self.ids.append(token)
         if self.logprobs is not None:
-            self._record_logprobs(token, logits)
+            self.entries.append(record(logits, token, self.logprobs))
         self.text = _decode_continuation(self.tokenizer, self.prompt_ids, self.ids)
         cut = self._first_stop()
         if cut is not None:
@@ -56,16 +66,6 @@ class Choice:
     def _first_stop(self) -> Optional[int]:
         found = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
         return min(found) if found else None
-
-    def _record_logprobs(self, token: int, logits: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        self.token_logprobs.append(float(logp[token]))
-        top: dict[str, float] = {}
-        if self.logprobs:
-            values, ids = torch.topk(logp, self.logprobs)
-            for v, i in zip(values.tolist(), ids.tolist()):
-                top.setdefault(self.tokenizer.detokenize([i]), v)
-        self.top_logprobs.append(top)
 
     def _emit(self, final: bool) -> None:
         if self.emit is None:
@@ -104,21 +104,34 @@ class Choice:
         return {"text": self.text, "finish_reason": reason, "srp": srp,
                 "completion_tokens": len(result.ids)}
 
-    def logprobs_body(self) -> Optional[dict[str, Any]]:
-        """OpenAI's completions ``logprobs`` object for the tokens kept in the text."""
+    def kept_entries(self) -> list[TokenLogprob]:
+        """The log-probability entries of the tokens kept in the text (those that wrote a stop
+        string are dropped), then the end-of-document token that ended the answer, if any."""
+        offsets, offset = [], 0
+        for e in self.entries:
+            offsets.append(offset)
+            offset += len(self.tokenizer.detokenize([e.token]))
+        keep = len(self.entries)
+        if self.hit_stop:  # drop the tokens that wrote (part of) the stop string
+            while keep and offsets[keep - 1] + len(
+                    self.tokenizer.detokenize([self.entries[keep - 1].token])) > len(self.text):
+                keep -= 1
+        kept = self.entries[:keep]
+        if self.end_entry is not None and not self.hit_stop:
+            kept.append(self.end_entry)
+        return kept
+
+    def logprobs_body(self, chat: bool = False) -> Optional[dict[str, Any]]:
+        """OpenAI's ``logprobs`` object for the choice: the legacy completions format (after the
+        echoed prompt's, with echo), or the chat format."""
         if self.logprobs is None:
             return None
-        tokens, offsets, offset = [], [], 0
-        for tok in self.ids:
-            piece = self.tokenizer.detokenize([tok])
-            tokens.append(piece)
-            offsets.append(offset)
-            offset += len(piece)
-        keep = len(tokens)
-        if self.hit_stop:  # drop the tokens that wrote (part of) the stop string
-            while keep and offsets[keep - 1] + len(tokens[keep - 1]) > len(self.text):
-                keep -= 1
-        return {"tokens": tokens[:keep],
-                "token_logprobs": [v if math.isfinite(v) else -1e9
-                                   for v in self.token_logprobs[:keep]],
-                "top_logprobs": self.top_logprobs[:keep], "text_offset": offsets[:keep]}
+        kept = self.kept_entries()
+        if chat:
+            return chat_logprobs(self.tokenizer, kept)
+        if self.echo is None:
+            return completion_logprobs(self.tokenizer, kept)
+        prompt = completion_logprobs(self.tokenizer, self.echo)
+        start = len(self.tokenizer.detokenize(self.prompt_ids))
+        answer = completion_logprobs(self.tokenizer, kept, offset=start)
+        return {k: prompt[k] + answer[k] for k in prompt}

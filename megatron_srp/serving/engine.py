@@ -12,7 +12,12 @@ Sampling requests (greedy, top-k, top-p) that share ``temperature``, ``top_k`` a
 share a batch whatever their lengths, seeds and ``max_tokens``: each row has its own random
 stream (seeded by the request's ``seed`` and the choice index), so a seeded request gets the
 same answer alone or in a batch. SafeBeam and reflection-guarded requests batch with requests of
-the same settings.
+the same settings. Prompt scoring (``echo`` with ``logprobs``: :class:`~.logprobs.PromptScore`)
+is one forward pass over the prompts, batched with other scoring jobs.
+
+A job records when it was queued, started and drew its first token (the metrics read them);
+:meth:`Engine.withdraw` takes a request's jobs back while none of them has started (the server's
+queue-wait limit).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 from megatron_srp.inference.generation import decode_ids, sample_ids
 from megatron_srp.inference.results import GenerationResult, finish_result, tag_id
 from megatron_srp.inference.sample import GenerationConfig, _device_of, _row_generator
+from megatron_srp.serving.logprobs import PromptScore, score_prompts
 from megatron_srp.tokenizer import SRPTokenizer
 
 
@@ -47,7 +53,10 @@ class Job:
     ``method`` is a decoding config (``GenerationConfig``, ``SafeBeamConfig``, ``GuardConfig``);
     for sampling, ``max_new_tokens`` is this job's own limit. ``on_token(token, logits)`` (if
     set) sees every new token as it is drawn (streaming, logprobs, stop strings) and returns
-    True to end the answer there. The future receives a :class:`GenerationResult`."""
+    True to end the answer there; it also sees the end-of-document token that ends an answer
+    (not part of the answer), so its log-probability can be reported. The future receives a
+    :class:`GenerationResult`, or for :class:`PromptScore` the prompt's
+    :class:`~.logprobs.TokenLogprob` list."""
 
     prompt_ids: list[int]
     method: Any
@@ -55,12 +64,17 @@ class Job:
     choice: int = 0
     on_token: Optional[Callable[[int, torch.Tensor], bool]] = None
     future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.monotonic)
+    started: Optional[float] = None
+    first_token: Optional[float] = None
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys may share a batch."""
         m = self.method
         if isinstance(m, GenerationConfig):
             return ("sample", m.temperature, m.top_k, m.top_p, m.stop_at_eod)
+        if isinstance(m, PromptScore):
+            return ("score", m.top)
         return (type(m).__name__, repr(asdict(m)))
 
     @property
@@ -72,7 +86,8 @@ class Engine:
     """Owns the model; :meth:`submit` queues a job, a worker thread decodes batches."""
 
     def __init__(self, model, tokenizer: SRPTokenizer, max_batch: int = 32,
-                 max_queue: int = 256, batch_wait_s: float = 0.01) -> None:
+                 max_queue: int = 256, batch_wait_s: float = 0.01,
+                 on_batch: Optional[Callable[[int], None]] = None) -> None:
         if max_batch < 1 or max_queue < 1 or batch_wait_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and batch_wait_s >= 0")
         self.model = model
@@ -82,6 +97,8 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
+        self._starting = threading.Lock()  # marks jobs running; withdraw() takes it too
+        self.on_batch = on_batch  # called with each batch's size (metrics)
         self._tag = tag_id(tokenizer)
         self.stats: dict[str, Any] = {"batches": 0, "jobs": 0, "rejected": 0,
                                       "largest_batch": 0, "batch_sizes": {}}
@@ -104,6 +121,21 @@ class Engine:
                 q.unfinished_tasks += 1
             q.not_empty.notify(len(jobs))
         return [job.future for job in jobs]
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not yet started."""
+        return self._queue.qsize()
+
+    def withdraw(self, futures: list[Future]) -> bool:
+        """Cancel a request's jobs if none of them has started; False (and nothing cancelled)
+        when one has."""
+        with self._starting:
+            if any(f.running() or f.done() for f in futures):
+                return False
+            for f in futures:
+                f.cancel()
+            return True
 
     def retry_after_s(self, waiting: int) -> float:
         """How long ``waiting`` requests take to drain at the recent pace (at least 1 s)."""
@@ -158,9 +190,15 @@ class Engine:
         return groups
 
     def _run(self, jobs: list[Job]) -> None:
-        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        with self._starting:
+            live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not live:
             return
+        now = time.monotonic()
+        for job in live:
+            job.started = now
+        if self.on_batch is not None:
+            self.on_batch(len(live))
         self.stats["batches"] += 1
         self.stats["jobs"] += len(live)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
@@ -169,6 +207,9 @@ class Engine:
         try:
             if isinstance(live[0].method, GenerationConfig):
                 results = self._sample(live)
+            elif isinstance(live[0].method, PromptScore):
+                results = score_prompts(self.model, self.tokenizer, [j.prompt_ids for j in live],
+                                        live[0].method.top)
             else:
                 results = decode_ids(self.model, self.tokenizer,
                                      [j.prompt_ids for j in live], live[0].method)
@@ -181,19 +222,35 @@ class Engine:
 
     def _sample(self, jobs: list[Job]) -> list[GenerationResult]:
         limits = [j.max_new_tokens for j in jobs]
-        gen = replace(jobs[0].method, max_new_tokens=max(limits))
+        # The end-of-document tokens end a row here rather than in sample_ids, so the choice
+        # sees the token (and its log-probability) that ended it.
+        eod = set(self.tokenizer.stop_ids) if jobs[0].method.stop_at_eod else set()
+        gen = replace(jobs[0].method, max_new_tokens=max(limits), stop_at_eod=False)
         dev = _device_of(self.model)
         generators = [_row_generator(j.seed, j.choice, dev) for j in jobs]
+        ended: dict[int, int] = {}
 
         def observe(row: int, token: int, logits: torch.Tensor) -> bool:
-            on_token = jobs[row].on_token
+            job = jobs[row]
+            if job.first_token is None:
+                job.first_token = time.monotonic()
+            on_token = job.on_token
+            if token in eod:
+                ended[row] = token
+                if on_token is not None:
+                    on_token(token, logits)
+                return True
             return on_token is not None and bool(on_token(token, logits))
 
         out = sample_ids(self.model, self.tokenizer, [j.prompt_ids for j in jobs], gen,
                          stop_ids=[self._tag], limits=limits, generators=generators,
                          observe=observe)
-        return [finish_result(self.tokenizer, j.prompt_ids, ids, stop, self._tag)
-                for j, (ids, stop) in zip(jobs, out)]
+        results = []
+        for row, (j, (ids, stop)) in enumerate(zip(jobs, out)):
+            if row in ended:
+                ids, stop = ids[:-1], ended[row]
+            results.append(finish_result(self.tokenizer, j.prompt_ids, ids, stop, self._tag))
+        return results
 
 
 def new_seed(counter=itertools.count(int(time.time()))) -> int:

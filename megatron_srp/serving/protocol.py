@@ -7,8 +7,11 @@ is queued, and the error names the field (``param``) the way OpenAI's API does:
                "code": null}}
 
 Fields this server does not know are accepted and ignored (clients such as lm-eval send their
-own), except those whose meaning it cannot honour (``echo``, penalties other than 0), which are
-refused by name. The project's decoding modes are extensions: ``"decoding": "safebeam"`` or
+own), except those whose meaning it cannot honour (penalties other than 0, ``echo`` with
+``stream``), which are refused by name. ``echo`` returns the prompt before the answer, with the
+prompt tokens' log-probabilities when ``logprobs`` is set (and then ``max_tokens`` may be 0);
+chat answers carry log-probabilities with ``logprobs: true`` (``top_logprobs``: 0-20
+alternatives). The project's decoding modes are extensions: ``"decoding": "safebeam"`` or
 ``"guarded"`` (``extra_body`` in the ``openai`` client); their reflections come back beside the
 text, in each choice's ``srp`` object.
 """
@@ -87,13 +90,6 @@ class CompletionRequest(_Sampling):
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported by this server")
-        return value
-
     def prompts(self) -> list[Union[str, list[int]]]:
         """One entry per prompt: text, or token ids."""
         p = self.prompt
@@ -115,13 +111,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("logprobs are served for /v1/completions only")
-        return value
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     @field_validator("messages")
     @classmethod
