@@ -24,8 +24,8 @@ def test_the_real_model_config_loads_with_stage_methods():
     cfg = load_suite_config(CONFIG)
     got = {st.name: stage_methods(cfg, st) for st in cfg.stages}
     assert got == {"import": ["greedy"], "reflect": ["greedy", "guarded"],
-                   "refusal-sft": ["greedy"]}
-    assert [st.window for st in cfg.stages] == [None, 1152, 1152]
+                   "reflect-both": ["greedy", "guarded"], "refusal-sft": ["greedy"]}
+    assert [st.window for st in cfg.stages] == [None, 1152, 1152, 1152]
 
 
 @pytest.mark.parametrize("stage, field, value", [
@@ -86,7 +86,7 @@ def test_posttrain_report_from_stored_answers(tmp_path):
     judges' verdicts counted by hand; guarded short-circuits are refusals with their cause;
     the McNemar pair counts the discordant prompts."""
     from megatron_srp.evaluation.compliance import ComplianceJudge
-    from megatron_srp.evaluation.posttrain_report import analyse
+    from megatron_srp.evaluation.posttrain_report import analyse, side_by_side
     from megatron_srp.evaluation.stage_units import benchmark_items
     from megatron_srp.units import Units
 
@@ -128,3 +128,10 @@ def test_posttrain_report_from_stored_answers(tmp_path):
                                                                   "unread": 0}
     shares = res["harmless"]["reflect/guarded"]["xstest"]
     assert shares["n"] == 4 and shares["counts"]["short_circuit"] == 2
+    shown = side_by_side(cfg, "jailbreakbench", 2, width=40)
+    assert [r["prompt"] for r in shown] == [b.prompt for b in items[:2]]
+    assert sorted(shown[0]["answers"]) == ["import/greedy", "reflect/greedy", "reflect/guarded"]
+    assert shown[0]["answers"]["reflect/guarded"] == "[refused: unsafe] I cannot help."
+    assert shown[1]["answers"]["reflect/guarded"].startswith("[refused: malformed]")
+    first = " ".join(texts[0].split())
+    assert shown[0]["answers"]["import/greedy"] == first[:40] + ("..." if len(first) > 40 else "")
