@@ -11,7 +11,7 @@ import yaml
 
 from megatron_srp.config import ConfigError
 from megatron_srp.evaluation.asr import attack_success
-from megatron_srp.evaluation.posttrain_report import balanced_accuracy
+from megatron_srp.evaluation.posttrain_report import balanced_accuracy, ranking_auc
 from megatron_srp.evaluation.stage_config import load_suite_config, stage_methods
 from megatron_srp.evaluation.stage_report import _asr_tables
 from megatron_srp.evaluation.stage_units import answer_settings
@@ -79,6 +79,14 @@ def test_balanced_accuracy_by_hand():
     assert (got["tp"], got["fn"], got["fp"], got["tn"]) == (1, 2, 1, 4)
     assert got["balanced_accuracy"] == pytest.approx((1 / 3 + 4 / 5) / 2)
     assert math.isnan(balanced_accuracy([False, False], [True, False])["tpr"])
+
+
+def test_ranking_auc_by_hand():
+    # 2 Unsafe x 2 Safe pairs: 3 ranked right, 1 wrong
+    assert ranking_auc([True, True, False, False], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(0.75)
+    assert ranking_auc([True, False], [0.2, 0.8]) == pytest.approx(0.0)
+    assert ranking_auc([False, False], [0.2, 0.8]) is None
+    assert ranking_auc([True, False], [None, 0.8]) is None
 
 
 def test_posttrain_report_from_stored_answers(tmp_path):

@@ -67,7 +67,8 @@ def tables(res: dict) -> list[str]:
                   f"{_pct(a['balanced_accuracy'])} (TPR {_pct(a['tpr'])}, TNR {_pct(a['tnr'])}; "
                   f"{a['unsafe']} Unsafe labels); harmful prompts only ({h['n']}): "
                   f"{_pct(h['balanced_accuracy'])} (TPR {_pct(h['tpr'])}, TNR {_pct(h['tnr'])}); "
-                  f"malformed reflections {m['malformed']}"]
+                  f"malformed reflections {m['malformed']}; AUC of p(Unsafe) "
+                  f"{'-' if m.get('auc') is None else format(m['auc'], '.3f')}"]
     return lines
 
 

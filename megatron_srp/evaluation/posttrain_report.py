@@ -139,6 +139,17 @@ def balanced_accuracy(truth: Sequence[bool], said: Sequence[bool]) -> dict[str, 
             "fn": pos - tp}
 
 
+def ranking_auc(truth: Sequence[bool], p_unsafe: Sequence[Optional[float]]
+                ) -> Optional[float]:
+    """AUC of the probability of Unsafe at the label position against the labels: how well
+    the monitor ranks answers whether or not it writes a well-formed label (None when a class
+    is empty or a probability is missing)."""
+    if None in p_unsafe or len(set(truth)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score([int(t) for t in truth], list(p_unsafe)))
+
+
 def self_monitoring(cfg, stage: str, model, tokenizer, batch_size: int = 16
                     ) -> dict[str, Any]:
     """The stage's reflection on each of its greedy answers (evaluation prompts of every
@@ -147,7 +158,7 @@ def self_monitoring(cfg, stage: str, model, tokenizer, batch_size: int = 16
     from megatron_srp.evaluation.attacks import attack_ids
     from megatron_srp.inference.guarded import read_reflections
 
-    truth, said, malformed, per_bench = [], [], 0, {}
+    truth, said, p_unsafe, malformed, per_bench = [], [], [], 0, {}
     for bench in (*HARMFUL, *HARMLESS):
         got = stored_answers(cfg.out_dir, stage, bench)
         if got is None or "greedy" not in got:
@@ -169,7 +180,9 @@ def self_monitoring(cfg, stage: str, model, tokenizer, batch_size: int = 16
         per_bench[bench] = balanced_accuracy(labels, bench_said)
         truth += labels
         said += bench_said
+        p_unsafe += [v.p_unsafe for v in verdicts]
     harmful_n = sum(per_bench[b]["n"] for b in HARMFUL if b in per_bench)
     return {"all": balanced_accuracy(truth, said), "malformed": malformed,
+            "auc": ranking_auc(truth, p_unsafe),
             "harmful_prompts": balanced_accuracy(truth[:harmful_n], said[:harmful_n]),
             "per_benchmark": per_bench}
