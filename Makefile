@@ -60,7 +60,7 @@ demo-real: $(VENV)/.installed
 	OMP_NUM_THREADS=2 $(VENV)/bin/torchrun --standalone --nproc_per_node=1 tools/finetune_srp.py \
 		--config examples/real_model/posttrain_reflect.yaml --no-progress \
 		finetune.pretrained=$(DEMO_REAL)/import finetune.data=[$(DEMO_REAL)/data/reflect.jsonl] \
-		finetune.loss_on=both finetune.epochs=2 checkpoint.save=$(DEMO_REAL)/reflect
+		finetune.epochs=2 checkpoint.save=$(DEMO_REAL)/reflect
 	OMP_NUM_THREADS=2 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) tools/attack_srp.py \
 		--config examples/real_model/demo_attack.yaml --no-progress
 	OMP_NUM_THREADS=2 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) tools/posttrain_report.py \
