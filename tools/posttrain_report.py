@@ -68,7 +68,9 @@ def tables(res: dict) -> list[str]:
                   f"{a['unsafe']} Unsafe labels); harmful prompts only ({h['n']}): "
                   f"{_pct(h['balanced_accuracy'])} (TPR {_pct(h['tpr'])}, TNR {_pct(h['tnr'])}); "
                   f"malformed reflections {m['malformed']}; AUC of p(Unsafe) "
-                  f"{'-' if m.get('auc') is None else format(m['auc'], '.3f')}"]
+                  f"{'-' if m.get('auc') is None else format(m['auc'], '.3f')}; the first label token "
+                  f"alone: balanced accuracy {_pct(m['first_token']['balanced_accuracy'])} "
+                  f"(TPR {_pct(m['first_token']['tpr'])}, TNR {_pct(m['first_token']['tnr'])})"]
     return lines
 
 
