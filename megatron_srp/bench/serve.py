@@ -146,15 +146,23 @@ class LoadResult:
 def run_load(base_url: str, model: str, prompts: Sequence[str], max_tokens: int,
              concurrency: int) -> LoadResult:
     """Every prompt once, by ``concurrency`` client threads (each sends its next request when
-    its previous one is answered)."""
+    its previous one is answered).
+
+    The clients are built before the clock starts and released together: building an
+    ``httpx.Client`` costs milliseconds of CPU (its SSL context), and on a 2-core machine whose
+    cores the model holds, clients built on the clock reached the server up to 70 ms apart,
+    which split the first wave across batches (measured on SmolLM2-135M, docs/benchmarks.md)."""
     todo = iter(enumerate(prompts))
     lock = threading.Lock()
     latencies: list[float] = []
     tokens = [0]
     errors: list[str] = []
+    ready = threading.Barrier(concurrency + 1)
 
     def client() -> None:
-        with httpx.Client(timeout=300.0) as http:
+        http = httpx.Client(timeout=300.0)
+        ready.wait()
+        with http:
             while True:
                 with lock:
                     item = next(todo, None)
@@ -173,9 +181,10 @@ def run_load(base_url: str, model: str, prompts: Sequence[str], max_tokens: int,
                     tokens[0] += r.json()["usage"]["completion_tokens"]
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    started = time.perf_counter()
     for t in threads:
         t.start()
+    ready.wait()
+    started = time.perf_counter()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - started
@@ -234,7 +243,10 @@ def bench_serve(checkpoint: str, requests: int = 64, max_tokens: int = 32,
     # No queue-wait limit: on a slow machine a request may wait for several long batches.
     with ServerProcess(checkpoint, ["--max-batch", str(max_batch), "--max-queue-wait-s", "0"],
                        threads=threads) as srv:
-        run_load(srv.base_url, name, prompts[:4], max_tokens, 2)  # warm-up
+        # Warm-up at the largest concurrency: the first batch of a new size pays one-time
+        # costs (offline's best of 3 does not count them either).
+        widest = min(max(concurrency), max_batch, len(prompts))
+        run_load(srv.base_url, name, prompts[:widest], max_tokens, widest)
         for c in concurrency:
             before = srv.health()
             rows.append(run_load(srv.base_url, name, prompts, max_tokens, c).row(offline_tps,
