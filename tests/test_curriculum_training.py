@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_srp.training.launch import (
-    TINY, kill_when, records, run_pretrain, start_pretrain, train_losses,
+    TINY, kill_when, records, run_pretrain, start_pretrain, train_losses, wait_for_no_processes,
 )
 
 STEPS = 20  # 160 samples; the switch at 0.5 is sample 80, the first sample of step 11
@@ -59,6 +59,7 @@ def test_kill_before_the_switch_and_resume_replays_the_run(uninterrupted, shakes
     proc = start_pretrain(2, args)
     kill_when(proc, lambda: (tmp_path / "latest").is_file()
               and (tmp_path / "latest").read_text().strip() == "iter_0000005")
+    assert not wait_for_no_processes(proc.job_tag), "processes of the killed run are alive"
     run_pretrain(2, args)
     expected, got = train_losses(expected_dir), train_losses(tmp_path)
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_srp.training.launch import (TINY, _kill_group, kill_when, records, run_pretrain,
-                                         start_pretrain, train_losses)
+                                         start_pretrain, train_losses, wait_for_no_processes)
 
 STEPS = 20
 
@@ -33,6 +33,7 @@ def _latest(run: Path) -> str:
 def test_kill_and_resume_matches_uninterrupted_run(uninterrupted, shakespeare_dataset, tmp_path):
     proc = start_pretrain(2, _args(shakespeare_dataset, tmp_path))
     kill_when(proc, lambda: _latest(tmp_path) == "iter_0000010")
+    assert not wait_for_no_processes(proc.job_tag), "processes of the killed run are alive"
     assert (tmp_path / "iter_0000010" / "run.json").is_file()
     run_pretrain(2, _args(shakespeare_dataset, tmp_path))
     expected, got = train_losses(uninterrupted), train_losses(tmp_path)
@@ -149,6 +150,8 @@ def test_ranks_die_with_their_launcher(shakespeare_dataset, tmp_path):
         proc.wait(timeout=30)
         gone, alive = psutil.wait_procs(ranks, timeout=20)
         assert not alive, [r.pid for r in alive]
+        # nor anything a rank started (Megatron's checkpoint-writer manager, its trackers)
+        assert not wait_for_no_processes(proc.job_tag, timeout=20)
         size = (tmp_path / "metrics.jsonl").stat().st_size
         time.sleep(1.0)
         assert (tmp_path / "metrics.jsonl").stat().st_size == size

@@ -166,12 +166,22 @@ def _describe_model(cfg: ExperimentConfig, vocab_size: int) -> dict:
 def start_helper_processes() -> None:
     """Start the process that Megatron-Core's checkpoint writers report to (a spawned
     multiprocessing manager, otherwise started lazily by the first save) now, so the caller
-    chooses the signals it inherits (see ``StopWatch.ignored``)."""
+    chooses the signals it inherits (see ``StopWatch.ignored``), and so that it dies with this
+    rank: torchrun starts each rank in a session of its own, so a SIGKILLed job's process group
+    does not reach the manager, and a manager that ignores the stop signals would otherwise
+    outlive a killed rank for good. Does nothing once the manager runs."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    start = getattr(filesystem_async, "_get_write_results_queue", None)
-    if start is not None:
-        start()
+    from megatron_srp.training.stopping import die_with_parent
+
+    if getattr(filesystem_async, "_results_queue", True) is not None:  # running, or renamed
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=die_with_parent)
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager
 
 
 def save(root: str, progress: Progress, model, optimizer, scheduler,
@@ -187,6 +197,7 @@ def save(root: str, progress: Progress, model, optimizer, scheduler,
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
     dist.barrier()
+    start_helper_processes()  # a no-op when the run started it already
     state = _full_state(model, optimizer, scheduler, cfg, is_loading=False)
     dist_checkpointing.save(state, str(partial), content_metadata=_opt_metadata(cfg))
     dist.barrier()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -43,11 +44,45 @@ def torchrun_cmd(nproc: int, overrides: list[str], script: str = PRETRAIN) -> li
             f"--nproc_per_node={nproc}", script, *overrides]
 
 
+#: Every job gets a tag of its own in this variable, which each process it starts inherits
+#: (ranks, Megatron's checkpoint-writer manager, multiprocessing's resource trackers), so that
+#: :func:`job_processes` can find whatever a job left behind.
+JOB_TAG_ENV = "SRP_JOB_TAG"
+
+
 def _env(extra: dict | None) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
+    env[JOB_TAG_ENV] = uuid.uuid4().hex
     return env
+
+
+def job_processes(tag: str) -> list[int]:
+    """The live processes (Linux: read from /proc) whose environment carries job tag ``tag``."""
+    needle = f"{JOB_TAG_ENV}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie has exited; its parent has yet to reap it
+                    found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def wait_for_no_processes(tag: str, timeout: float = 30.0) -> list[int]:
+    """Wait until no process of job ``tag`` is left; returns those still alive at ``timeout``."""
+    deadline = time.time() + timeout
+    while True:
+        alive = job_processes(tag)
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
@@ -60,8 +95,9 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
     otherwise hold the pipe open (and live on) after the job ended.
     """
     with tempfile.TemporaryFile(mode="w+") as log:
+        job_env = _env(env)
         proc = subprocess.Popen(torchrun_cmd(nproc, overrides, script), cwd=REPO_ROOT,
-                                env=_env(env), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=job_env, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)
@@ -71,6 +107,7 @@ def run_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
         log.seek(0)
         output = log.read()
     done = subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+    done.job_tag = job_env[JOB_TAG_ENV]  # type: ignore[attr-defined]
     if check and done.returncode != 0:
         raise RuntimeError(f"training failed ({done.returncode}):\n{output[-12000:]}")
     return done
@@ -120,10 +157,14 @@ def _kill_group(pgid: int) -> None:
 
 def start_pretrain(nproc: int, overrides: list[str], env: dict | None = None,
                    script: str = PRETRAIN) -> subprocess.Popen:
-    """Start training in its own process group, so the whole job can be SIGKILLed."""
-    return subprocess.Popen(torchrun_cmd(nproc, overrides, script), cwd=REPO_ROOT, env=_env(env),
+    """Start training in its own process group, so the whole job can be SIGKILLed; the
+    returned process carries the job's tag as ``job_tag`` (see :func:`job_processes`)."""
+    job_env = _env(env)
+    proc = subprocess.Popen(torchrun_cmd(nproc, overrides, script), cwd=REPO_ROOT, env=job_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    proc.job_tag = job_env[JOB_TAG_ENV]  # type: ignore[attr-defined]
+    return proc
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
