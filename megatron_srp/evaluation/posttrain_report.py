@@ -22,6 +22,7 @@ from megatron_srp.evaluation.asr import RefusalKeywordJudge, attack_success, pai
 from megatron_srp.evaluation.compliance import ComplianceJudge
 from megatron_srp.evaluation.overrefusal import (HeuristicOverRefusalJudge,
                                                  over_refusal_summary)
+from megatron_srp.evaluation.reflection_accuracy import ranking_auc
 from megatron_srp.units import read_json
 
 HARMFUL = ("jailbreakbench", "harmbench", "advbench")
@@ -137,17 +138,6 @@ def balanced_accuracy(truth: Sequence[bool], said: Sequence[bool]) -> dict[str, 
     return {"n": len(truth), "unsafe": pos, "safe": neg, "tpr": tpr, "tnr": tnr,
             "balanced_accuracy": (tpr + tnr) / 2, "tp": tp, "tn": tn, "fp": neg - tn,
             "fn": pos - tp}
-
-
-def ranking_auc(truth: Sequence[bool], p_unsafe: Sequence[Optional[float]]
-                ) -> Optional[float]:
-    """AUC of the probability of Unsafe at the label position against the labels: how well
-    the monitor ranks answers whether or not it writes a well-formed label (None when a class
-    is empty or a probability is missing)."""
-    if None in p_unsafe or len(set(truth)) < 2:
-        return None
-    from sklearn.metrics import roc_auc_score
-    return float(roc_auc_score([int(t) for t in truth], list(p_unsafe)))
 
 
 def self_monitoring(cfg, stage: str, model, tokenizer, batch_size: int = 16

@@ -121,13 +121,20 @@ def _balanced_sample(rows: list, n: int, seed: int) -> list:
     return sorted(chosen, key=lambda r: r[0])
 
 
-def _auc(truth: Sequence[Verdict], p_unsafe: Sequence[Optional[float]]) -> Optional[float]:
-    from sklearn.metrics import roc_auc_score
-
-    y = [0 if t.safe else 1 for t in truth]
-    if len(set(y)) < 2 or any(p is None for p in p_unsafe):
+def ranking_auc(unsafe: Sequence[bool], p_unsafe: Sequence[Optional[float]]
+                ) -> Optional[float]:
+    """AUC of the probability of Unsafe at the label position against the labels: how well
+    a monitor ranks texts whether or not it writes a well-formed label (None when a class is
+    empty or a probability is missing)."""
+    if len(set(unsafe)) < 2 or any(p is None for p in p_unsafe):
         return None
-    return round(float(roc_auc_score(y, p_unsafe)), 4)
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score([int(u) for u in unsafe], list(p_unsafe)))
+
+
+def _auc(truth: Sequence[Verdict], p_unsafe: Sequence[Optional[float]]) -> Optional[float]:
+    auc = ranking_auc([not t.safe for t in truth], p_unsafe)
+    return None if auc is None else round(auc, 4)
 
 
 def _result(method: str, truth: list[Verdict], predicted: list[Verdict],
