@@ -75,10 +75,11 @@ demo-shakespeare: $(DEMO_DATA).bin
 test: $(VENV)/.installed
 	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m "not slow and not gpu and not slurm"
 
-# The sbatch script on a local two-node Slurm cluster (root; installs slurm-wlm and munge with
+# The cluster tests (marker slurm): the sbatch scripts on a local two-node Slurm cluster, Ray on
+# two nodes, NeMo-Run against that Slurm (root; installs slurm-wlm and munge with
 # apt-get where missing; skips and says why where that is impossible). About 4 minutes.
 test-slurm: $(VENV)/.installed
-	SRP_INSTALL_SLURM=1 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m slurm tests/test_slurm.py
+	SRP_INSTALL_SLURM=1 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m slurm tests
 
 test-all: $(VENV)/.installed
 	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q

@@ -113,3 +113,20 @@ def served_tiny(tiny_long_context: Path, tmp_path_factory):
         srv.name = model_name(tiny_long_context)
         srv.checkpoint_dir = tiny_long_context
         yield srv
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A local two-node Slurm cluster (megatron_srp/deploy/local_slurm.py), shared by every
+    ``slurm`` test; skips, saying why, where one cannot start."""
+    from megatron_srp.deploy.local_slurm import LocalSlurm, Unavailable, ensure_installed
+
+    try:
+        if os.environ.get("SRP_INSTALL_SLURM") == "1":
+            ensure_installed()
+        cluster = LocalSlurm(tmp_path_factory.mktemp("cluster"), nodes=2)
+        cluster.start()
+    except Unavailable as e:
+        pytest.skip(f"no local Slurm cluster here: {e}")
+    yield cluster
+    cluster.stop()

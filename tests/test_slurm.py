@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_srp.deploy.local_slurm import LocalSlurm, Unavailable, ensure_installed
+from megatron_srp.deploy.local_slurm import LocalSlurm
 from megatron_srp.training.launch import TINY, train_losses
 
 pytestmark = pytest.mark.slurm
@@ -31,17 +31,9 @@ SBATCH = REPO / "examples" / "slurm" / "pretrain.sbatch"
 STEPS = 20
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    try:
-        if os.environ.get("SRP_INSTALL_SLURM") == "1":
-            ensure_installed()
-        c = LocalSlurm(tmp_path_factory.mktemp("cluster"), nodes=2)
-        c.start()
-    except Unavailable as e:
-        pytest.skip(f"no local Slurm cluster here: {e}")
-    yield c
-    c.stop()
+@pytest.fixture
+def cluster(slurm_cluster) -> LocalSlurm:
+    return slurm_cluster
 
 
 def _submit(cluster: LocalSlurm, work: Path, dataset: str, nodes: int, run: Path,
