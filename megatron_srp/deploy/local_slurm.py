@@ -6,10 +6,10 @@ runs its own ``slurmd``; ``slurmctld`` runs on ``node1``; one ``munged`` serves 
 through a socket in the cluster's directory. A job's ranks therefore really talk across
 nodes (torchrun's c10d rendezvous, gloo), while everything stays on this machine.
 
-Needs root, ``ip`` (iproute2), ``nsenter`` and ``unshare`` (util-linux), and Debian's
-``slurm-wlm`` and ``munge`` (``ensure_installed`` installs them with apt-get). Each node also
-has its own mount namespace, where the cluster's hosts file is bound over /etc/hosts. :class:`Unavailable` says why a
-cluster cannot start here, so tests can skip with that reason.
+The nodes are :class:`megatron_srp.deploy.netns.Nodes`. Needs root, ``ip`` (iproute2),
+``nsenter`` and ``unshare`` (util-linux), and Debian's ``slurm-wlm`` and ``munge``
+(``ensure_installed`` installs them with apt-get). :class:`Unavailable` says why a cluster
+cannot start here, so tests can skip with that reason.
 
     with LocalSlurm(Path("/tmp/cluster"), nodes=2) as cluster:
         job = cluster.sbatch(["--nodes=2", "examples/slurm/pretrain.sbatch", CONFIG])
@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from megatron_srp.deploy.netns import Nodes, Unavailable, until
 
 SUBNET = "10.213.77"
 CTLD_PORT, SLURMD_PORT = 16817, 16818
@@ -33,10 +34,6 @@ TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "ip", "unshare", "nsenter")
 DEBIAN_PACKAGES = ("slurm-wlm", "munge")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
-
-
-class Unavailable(RuntimeError):
-    """A local cluster cannot run on this machine; the message says why."""
 
 
 def missing_tools() -> list[str]:
@@ -66,14 +63,10 @@ class LocalSlurm:
     :meth:`stop`, which ends every process the cluster started and removes its namespaces."""
 
     def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2) -> None:
-        if nodes not in (1, 2):
-            raise ValueError(f"nodes must be 1 or 2, not {nodes}")
-        self.root = Path(root).resolve()
-        self.nodes = [f"node{i + 1}" for i in range(nodes)]
+        self.net = Nodes(root, nodes, SUBNET, prefix="srp")
+        self.root = self.net.root
+        self.nodes, self.netns, self.addr = self.net.names, self.net.netns, self.net.addr
         self.cpus = cpus_per_node
-        tag = f"{os.getpid() % 100000}"
-        self.netns = {n: f"srp{tag}-{n}" for n in self.nodes}
-        self.addr = {n: f"{SUBNET}.{i + 1}" for i, n in enumerate(self.nodes)}
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self._procs: list[subprocess.Popen] = []
@@ -95,7 +88,7 @@ class LocalSlurm:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             self._start_munge()
-            self._make_network()
+            self.net.create()
             self._write_conf()
             self._spawn(self.nodes[0], ["slurmctld", "-D", "-i", "-f", str(self.conf)],
                         "slurmctld.stdout")
@@ -108,9 +101,8 @@ class LocalSlurm:
             raise
 
     def stop(self) -> None:
-        for ns in self.netns.values():  # every job process first, then the daemons
-            for pid in self._netns_pids(ns):
-                _kill(pid)
+        for node in self.nodes:  # every job process first, then the daemons
+            self.net.kill(node)
         for proc in reversed(self._procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -120,21 +112,13 @@ class LocalSlurm:
                     proc.kill()
                     proc.wait(timeout=10)
         self._procs.clear()
-        for ns in self.netns.values():
-            for pid in self._netns_pids(ns):
-                _kill(pid)
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        self.net.delete()
 
     # -- using it -------------------------------------------------------------------------
     def command(self, args: Sequence[str], node: Optional[str] = None) -> list[str]:
         """``args`` as a command run on ``node`` (default: the first) with this cluster's
         configuration."""
-        node = node or self.nodes[0]
-        hosts = self.root / "hosts"
-        return ["nsenter", f"--net=/run/netns/{self.netns[node]}", "unshare", "--mount",
-                "--uts", "sh", "-c",
-                f'mount --bind {hosts} /etc/hosts && hostname {node} && exec "$@"', "sh",
-                "env", f"SLURM_CONF={self.conf}", *args]
+        return self.net.command(args, node or self.nodes[0], {"SLURM_CONF": str(self.conf)})
 
     def run(self, args: Sequence[str], node: Optional[str] = None, check: bool = True,
             **kw) -> subprocess.CompletedProcess:
@@ -176,15 +160,8 @@ class LocalSlurm:
     def node_pids(self, node: str, exclude: Sequence[str] = ("slurmd", "slurmctld",
                                                              "slurmstepd")) -> list[int]:
         """The processes running in ``node``'s namespace, less the Slurm daemons."""
-        pids = []
-        for pid in self._netns_pids(self.netns[node]):
-            try:
-                name = Path(f"/proc/{pid}/comm").read_text().strip()
-            except OSError:
-                continue
-            if name not in exclude:
-                pids.append(pid)
-        return pids
+        return [pid for pid, name in self.net.process_names(node).items()
+                if name not in exclude]
 
     def log(self, name: str) -> str:
         p = self.root / name
@@ -204,27 +181,8 @@ class LocalSlurm:
                f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"]
         self._procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                             stderr=open(d / "munged.stderr", "w")))
-        _until(lambda: self.munge_socket.exists(), 15, lambda: "munged did not create its "
+        until(lambda: self.munge_socket.exists(), 15, lambda: "munged did not create its "
                "socket: " + (d / "munged.stderr").read_text(errors="replace")[-500:])
-
-    def _make_network(self) -> None:
-        for node, ns in self.netns.items():
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        hosts = ["127.0.0.1 localhost"] + [f"{a} {n}" for n, a in self.addr.items()]
-        (self.root / "hosts").write_text("\n".join(hosts) + "\n")
-        if len(self.nodes) == 2:
-            a, b = (self.netns[n] for n in self.nodes)
-            _ip("link", "add", "srpveth1", "netns", a, "type", "veth", "peer", "name",
-                "srpveth2", "netns", b)
-            for i, (node, ns) in enumerate(self.netns.items()):
-                dev = f"srpveth{i + 1}"
-                _ip("-n", ns, "addr", "add", f"{self.addr[node]}/24", "dev", dev)
-                _ip("-n", ns, "link", "set", dev, "up")
-        else:  # one node: its address on the loopback device
-            ns = self.netns[self.nodes[0]]
-            _ip("-n", ns, "addr", "add", f"{self.addr[self.nodes[0]]}/32", "dev", "lo")
 
     def _write_conf(self) -> None:
         r = self.root
@@ -273,32 +231,5 @@ class LocalSlurm:
             done = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
             states = dict(line.split() for line in done.stdout.splitlines() if line.strip())
             return done.returncode == 0 and all(states.get(n) == "idle" for n in self.nodes)
-        _until(idle, timeout, lambda: "the nodes never became idle: "
-               + self.log("slurmctld.log")[-800:])
-
-    @staticmethod
-    def _netns_pids(ns: str) -> list[int]:
-        done = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-        return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
-
-
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise Unavailable(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _until(condition, timeout: float, message) -> None:
-    """Poll ``condition``; past ``timeout``, raise Unavailable with ``message()``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise Unavailable(message())
-        time.sleep(0.3)
+        until(idle, timeout, lambda: "the nodes never became idle: "
+              + self.log("slurmctld.log")[-800:])
