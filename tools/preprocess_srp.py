@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(build_parser(), argv)
     # Imported here, not at the top: spawned workers re-import this script, and the
     # preprocess module pulls in Megatron-Core, which takes seconds to import.
-    from megatron_srp.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+    from megatron_srp.data.preprocess import (PreprocessConfig, PreprocessError, ShardFailed,
+                                              run_preprocess)
     from megatron_srp.data.shards import ReaderOptions
     from megatron_srp.data.variants import VariantSpec, parse_variants
     from megatron_srp.reflection.segment import SegmentConfig
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             max_reject_fraction=args.max_reject_fraction, overwrite=args.overwrite,
             keep_work=args.keep_work, progress=cli.progress_wanted(args))
         result = run_preprocess(config, SRPTokenizer.from_dir(args.tokenizer))
-    except (InputError, FileExistsError, ValueError, PreprocessError) as exc:
+    except (InputError, FileExistsError, ValueError, PreprocessError, ShardFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = result.summary

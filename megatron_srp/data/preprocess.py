@@ -41,6 +41,7 @@ from megatron_srp.data.outputs import (
 )
 from megatron_srp.data.readers import check_text_split, expand_inputs, input_format
 from megatron_srp.data.shard_worker import (
+    ShardFailed,
     ShardProcessor,
     Variant,
     done_path,
@@ -55,8 +56,8 @@ from megatron_srp.tokenizer import SRPTokenizer
 from megatron_srp.units import read_json, stamp, write_atomic
 
 BACKENDS = ("local", "ray")
-__all__ = ["PreprocessConfig", "PreprocessError", "RunResult", "run_preprocess", "preprocess",
-           "dataset_paths", "read_dataset_meta", "config_hash"]
+__all__ = ["PreprocessConfig", "PreprocessError", "RunResult", "ShardFailed", "run_preprocess",
+           "preprocess", "dataset_paths", "read_dataset_meta", "config_hash"]
 
 
 class PreprocessError(RuntimeError):
@@ -201,6 +202,7 @@ def run_preprocess(config: PreprocessConfig, tokenizer: SRPTokenizer,
                                totals, time.perf_counter() - started, config, resumed)
     summary = _summary(config, describe, totals, metas, time.perf_counter() - started, resumed,
                        len(specs))
+    summary["shard_nodes"] = [results[s.index].get("node") for s in specs]  # who ran each
     write_atomic(layout.summary_md, markdown_summary(summary))
     write_atomic(layout.summary, json.dumps(summary, indent=2) + "\n")
     if not config.keep_work:

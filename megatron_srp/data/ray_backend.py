@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_srp.data.shard_worker import ShardProcessor
+from megatron_srp.data.shard_worker import ShardFailed, ShardProcessor
 from megatron_srp.data.shards import ShardSpec
 
 GPU_CLASSIFIERS = ("hf",)
@@ -67,8 +68,30 @@ def run_shards_on_ray(processor: ShardProcessor, todo: Sequence[ShardSpec], work
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
             fn_constructor_args=(pickle.dumps(processor), pickle.dumps(list(todo))))
-        for row in mapped.iter_rows():
-            yield specs[int(row["index"])], json.loads(row["result"])
+        try:
+            for row in mapped.iter_rows():
+                yield specs[int(row["index"])], json.loads(row["result"])
+        except Exception as exc:
+            failed = _shard_failure(exc)
+            if failed is None:
+                raise
+            raise ShardFailed(failed) from None  # the cause, not Ray's wrapping of it
     finally:
         if started:
             ray.shutdown()
+
+
+def _shard_failure(exc: BaseException) -> Optional[str]:
+    """The message of a :class:`ShardFailed` a worker raised. Ray Data wraps a worker's
+    exception in its own (UserCodeException) and keeps the original only as traceback text."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        found = re.search(r"ShardFailed: (shard \d+ .*)", str(e))
+        if found:
+            return found.group(1).strip()
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None

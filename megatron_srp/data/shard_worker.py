@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +35,20 @@ from megatron_srp.units import write_atomic
 
 CHUNK_DOCS = 256
 CHUNK_CHARS = 1 << 20
+
+
+class ShardFailed(RuntimeError):
+    """A worker could not read or write a shard's files; the message names the shard, the
+    node and the cause."""
+
+
+def shard_failed(spec: ShardSpec, cause: BaseException) -> ShardFailed:
+    unit = "rows" if spec.format == "parquet" else "bytes"
+    return ShardFailed(
+        f"shard {spec.index} ({spec.path} {unit} {spec.start}-{spec.end}) failed on node "
+        f"{socket.gethostname()}: {type(cause).__name__}: {cause}. Every node must see the "
+        "inputs and the work directory at the same paths (a shared file system); finished "
+        "shards are kept, so a rerun resumes.")
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,12 @@ class ShardProcessor:
 
     def __call__(self, spec: ShardSpec) -> dict[str, Any]:
         """Process one shard and return (and record in its done file) its counts."""
+        try:
+            return self._process(spec)
+        except OSError as exc:  # an input it cannot read, a work directory it cannot write
+            raise shard_failed(spec, exc) from exc
+
+    def _process(self, spec: ShardSpec) -> dict[str, Any]:
         work = Path(self.work_dir)
         dtype = np.dtype(self.dtype_name)
         with_labels = self.labeler.classifier is not None
@@ -146,6 +167,7 @@ class ShardProcessor:
             writer.close()
         result = {
             "shard": spec.index, "path": spec.path, "start": spec.start, "end": spec.end,
+            "node": socket.gethostname(),
             **counts, "rejected": sum(reasons.values()), "reject_reasons": dict(reasons),
             "categories": dict(categories),
             "variants": {name: dict(w.counts) for name, w in writers.items()},

@@ -68,7 +68,7 @@ class Nodes:
                 hide: Sequence[str] = ()) -> list[str]:
         """``args`` as a command run on ``node`` with ``env`` added; each path in ``hide`` is
         covered by an empty directory there (a file system this node does not mount)."""
-        hidden = "".join(f"mount -t tmpfs -o size=1m srp-hidden {shlex.quote(p)} && "
+        hidden = "".join(f"mount -t tmpfs -o ro,size=1m srp-hidden {shlex.quote(p)} && "
                          for p in hide)
         setup = (f"mount --bind {shlex.quote(str(self.hosts))} /etc/hosts && {hidden}"
                  f'hostname {node} && exec "$@"')

@@ -1,0 +1,231 @@
+"""Preprocessing on a real two-node Ray cluster: a head and a worker node in two network
+namespaces on this machine (megatron_srp/deploy/local_ray.py), the driver on the head, the
+inputs and the output on a directory both nodes see (as a shared file system).
+
+- Both nodes run shards, and the datasets are byte-identical to the local backend's.
+- The worker node SIGKILLed whole while shards are in flight: Ray retries the lost tasks on
+  the head (Ray Data's actor pool restarts actors and retries their tasks without limit) and
+  the run completes, byte-identical.
+- A worker node that does not mount the input, or cannot write the output, is an error on the
+  driver naming the shard, the node and the path, not a hang; nothing is published, and a
+  rerun on a healthy cluster resumes from the finished shards to the same bytes.
+- The whole cluster lost: the driver fails, nothing is published, a rerun resumes.
+
+Marked ``slurm`` (the cluster tests, ``make test-slurm``); without root or namespaces they skip
+and say why.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_srp.data.outputs import VOLATILE_META_KEYS, dataset_paths
+from megatron_srp.deploy.local_ray import LocalRay
+from megatron_srp.deploy.netns import Unavailable
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ("raw", "srp")
+RUN_TIMEOUT = 300  # a run that outlives this is a hang
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    pytest.importorskip("ray.data")
+    try:
+        cluster = LocalRay(tmp_path_factory.mktemp("raycluster"), nodes=2, cpus_per_node=1)
+        cluster.start()
+    except Unavailable as e:
+        pytest.skip(f"no local Ray cluster here: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, shared_data) -> Path:
+    """The shared directory: a copy of the inputs (so a node can be made to miss it)."""
+    root = tmp_path_factory.mktemp("shared")
+    inputs = root / "in"
+    inputs.mkdir()
+    for name in ("wikitext2/valid.txt", "wikitext2/test.txt", "toxigen/toxigen_statements.jsonl"):
+        shutil.copy(shared_data / name, inputs / Path(name).name)
+    return root
+
+
+def _args(shared: Path, out: Path) -> list[str]:
+    inputs = shared / "in"
+    return [sys.executable, str(REPO / "tools" / "preprocess_srp.py"),
+            "--input", str(inputs / "valid.txt"), "--input", str(inputs / "test.txt"),
+            "--input", str(inputs / "toxigen_statements.jsonl"),
+            "--text-split", "wikitext-articles", "--variants", ",".join(VARIANTS),
+            "--shard-mb", "0.05", "--no-progress", "--keep-work", "--output-dir", str(out)]
+
+
+def _on_ray(cluster: LocalRay, shared: Path, out: Path) -> list[str]:
+    return cluster.command([*_args(shared, out), "--backend", "ray", "--workers", "2",
+                            "--ray-address", cluster.address])
+
+
+@pytest.fixture(scope="module")
+def local_run(shared) -> Path:
+    out = shared / "local"
+    done = subprocess.run([*_args(shared, out), "--workers", "1"], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _assert_identical(local: Path, other: Path) -> None:
+    for name in VARIANTS:
+        a, b = dataset_paths(local / name), dataset_paths(other / name)
+        for key in ("bin", "idx", "labels"):
+            assert a[key].read_bytes() == b[key].read_bytes(), (name, key)
+        ma, mb = (json.loads(p["meta"].read_text()) for p in (a, b))
+        for key in VOLATILE_META_KEYS:
+            ma.pop(key), mb.pop(key)
+        assert ma == mb, name
+
+
+def _nothing_published(out: Path) -> None:
+    published = [p.name for p in out.glob("*") if p.suffix in (".bin", ".idx", ".json")
+                 or p.name.endswith(".meta.json")]
+    assert published == [], published
+
+
+def _shards(work: Path) -> tuple[dict[int, str], set[int]]:
+    """(finished shard -> node that ran it, shards started but not finished)."""
+    done = {}
+    for f in (work / "done").glob("shard-*.json"):
+        try:
+            done[int(f.stem.split("-")[1])] = json.loads(f.read_text())["node"]
+        except (ValueError, OSError):  # written atomically, so only a vanishing file
+            continue
+    started = {int(f.stem.split("-")[1]) for f in (work / "rejects").glob("shard-*.jsonl")}
+    return done, started - set(done)
+
+
+def _restart_worker(cluster: LocalRay, hide=()) -> None:
+    cluster.kill_node("node2")
+    cluster.wait_nodes(1)
+    cluster.start_node("node2", hide=hide)
+    cluster.wait_nodes(2)
+
+
+def test_two_nodes_run_shards_and_write_the_local_backends_bytes(ray_cluster, shared,
+                                                                 local_run):
+    out = shared / "ray"
+    done = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = _summary(out)
+    assert summary["backend"] == "ray" and summary["shards"] >= 30
+    nodes = summary["shard_nodes"]
+    assert len(nodes) == summary["shards"] and set(nodes) == {"node1", "node2"}, nodes
+    assert set(_summary(local_run)["shard_nodes"]) == {_local_hostname()}
+    _assert_identical(local_run, out)
+
+
+def test_a_worker_node_lost_mid_run_is_retried_on_the_head(ray_cluster, shared, local_run):
+    out = shared / "ray-node-lost"
+    driver = subprocess.Popen(_on_ray(ray_cluster, shared, out), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        # Kill once node2 has finished shards and both actors are mid-shard.
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while True:
+            assert driver.poll() is None, "the run ended before node2 could be killed"
+            assert time.monotonic() < deadline, "node2 never ran a shard"
+            done, in_flight = _shards(out / ".work")
+            if list(done.values()).count("node2") >= 2 and len(in_flight) == 2:
+                break
+            time.sleep(0.02)
+        assert ray_cluster.kill_node("node2")
+        output, _ = driver.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    nodes = _summary(out)["shard_nodes"]
+    # Both shards in flight at the kill (one of them node2's) were finished by the head.
+    assert all(nodes[i] == "node1" for i in in_flight), (in_flight, nodes)
+    assert "node2" in nodes
+    _assert_identical(local_run, out)
+    _restart_worker(ray_cluster)
+
+
+@pytest.mark.parametrize("missing", ["input", "output"])
+def test_a_node_without_the_shared_path_is_a_named_error_and_a_rerun_resumes(
+        ray_cluster, shared, local_run, missing):
+    out = shared / f"ray-no-{missing}"
+    out.mkdir()
+    hidden = shared / "in" if missing == "input" else out
+    _restart_worker(ray_cluster, hide=[str(hidden)])
+    try:
+        failed = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True,
+                                text=True, timeout=RUN_TIMEOUT)
+    finally:
+        _restart_worker(ray_cluster)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, failed.stderr[-3000:]
+    assert "failed on node node2" in error[0] and "shared file system" in error[0], error[0]
+    if missing == "input":
+        assert "FileNotFoundError" in error[0] and str(shared / "in") in error[0], error[0]
+    else:
+        assert "OSError" in error[0] and "Read-only file system" in error[0], error[0]
+        assert str(out / ".work") in error[0], error[0]
+    _nothing_published(out)
+    finished = len(_shards(out / ".work")[0])  # by the head, before node2's failure stopped it
+
+    again = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _summary(out)["shards_resumed"] == finished
+    _assert_identical(local_run, out)
+
+
+def test_the_whole_cluster_lost_publishes_nothing_and_a_rerun_resumes(ray_cluster, shared,
+                                                                      local_run):
+    out = shared / "ray-cluster-lost"
+    driver = subprocess.Popen(_on_ray(ray_cluster, shared, out), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while len(_shards(out / ".work")[0]) < 4:
+            assert driver.poll() is None and time.monotonic() < deadline, "no shard finished"
+            time.sleep(0.02)
+        for node in ray_cluster.nodes:  # the driver runs on the head: it goes too
+            ray_cluster.kill_node(node)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode != 0
+    finished = len(_shards(out / ".work")[0])
+    _nothing_published(out)
+
+    ray_cluster.start_node("node1")
+    ray_cluster.start_node("node2")
+    ray_cluster.wait_nodes(2)
+    again = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _summary(out)["shards_resumed"] == finished >= 4
+    _assert_identical(local_run, out)
+
+
+def _local_hostname() -> str:
+    import socket
+
+    return socket.gethostname()
