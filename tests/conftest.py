@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,27 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(f"no local Slurm cluster here: {e}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_inputs(tmp_path_factory, shared_data: Path) -> Path:
+    """The cluster tests' shared directory: a copy of three inputs under ``in/`` (a copy, so
+    a node can be made to miss it)."""
+    root = tmp_path_factory.mktemp("shared")
+    inputs = root / "in"
+    inputs.mkdir()
+    for name in ("wikitext2/valid.txt", "wikitext2/test.txt", "toxigen/toxigen_statements.jsonl"):
+        shutil.copy(shared_data / name, inputs / Path(name).name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_preprocess_run(cluster_inputs: Path) -> Path:
+    """The cluster tests' inputs preprocessed by the local backend, to compare with."""
+    from _cluster_preprocess import RUN_TIMEOUT, args
+
+    out = cluster_inputs / "local"
+    done = subprocess.run([*args(cluster_inputs, out), "--workers", "1"], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

@@ -17,23 +17,18 @@ and say why.
 from __future__ import annotations
 
 import json
-import shutil
+import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from megatron_srp.data.outputs import VOLATILE_META_KEYS, dataset_paths
+from _cluster_preprocess import RUN_TIMEOUT, args, assert_identical, summary
 from megatron_srp.deploy.local_ray import LocalRay
 from megatron_srp.deploy.netns import Unavailable
 
 pytestmark = pytest.mark.slurm
-
-REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ("raw", "srp")
-RUN_TIMEOUT = 300  # a run that outlives this is a hang
 
 
 @pytest.fixture(scope="module")
@@ -48,53 +43,9 @@ def ray_cluster(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory, shared_data) -> Path:
-    """The shared directory: a copy of the inputs (so a node can be made to miss it)."""
-    root = tmp_path_factory.mktemp("shared")
-    inputs = root / "in"
-    inputs.mkdir()
-    for name in ("wikitext2/valid.txt", "wikitext2/test.txt", "toxigen/toxigen_statements.jsonl"):
-        shutil.copy(shared_data / name, inputs / Path(name).name)
-    return root
-
-
-def _args(shared: Path, out: Path) -> list[str]:
-    inputs = shared / "in"
-    return [sys.executable, str(REPO / "tools" / "preprocess_srp.py"),
-            "--input", str(inputs / "valid.txt"), "--input", str(inputs / "test.txt"),
-            "--input", str(inputs / "toxigen_statements.jsonl"),
-            "--text-split", "wikitext-articles", "--variants", ",".join(VARIANTS),
-            "--shard-mb", "0.05", "--no-progress", "--keep-work", "--output-dir", str(out)]
-
-
-def _on_ray(cluster: LocalRay, shared: Path, out: Path) -> list[str]:
-    return cluster.command([*_args(shared, out), "--backend", "ray", "--workers", "2",
+def _on_ray(cluster: LocalRay, inputs: Path, out: Path) -> list[str]:
+    return cluster.command([*args(inputs, out), "--backend", "ray", "--workers", "2",
                             "--ray-address", cluster.address])
-
-
-@pytest.fixture(scope="module")
-def local_run(shared) -> Path:
-    out = shared / "local"
-    done = subprocess.run([*_args(shared, out), "--workers", "1"], capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
-def _summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
-def _assert_identical(local: Path, other: Path) -> None:
-    for name in VARIANTS:
-        a, b = dataset_paths(local / name), dataset_paths(other / name)
-        for key in ("bin", "idx", "labels"):
-            assert a[key].read_bytes() == b[key].read_bytes(), (name, key)
-        ma, mb = (json.loads(p["meta"].read_text()) for p in (a, b))
-        for key in VOLATILE_META_KEYS:
-            ma.pop(key), mb.pop(key)
-        assert ma == mb, name
 
 
 def _nothing_published(out: Path) -> None:
@@ -122,23 +73,23 @@ def _restart_worker(cluster: LocalRay, hide=()) -> None:
     cluster.wait_nodes(2)
 
 
-def test_two_nodes_run_shards_and_write_the_local_backends_bytes(ray_cluster, shared,
-                                                                 local_run):
-    out = shared / "ray"
-    done = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True, text=True,
+def test_two_nodes_run_shards_and_write_the_local_backends_bytes(ray_cluster, cluster_inputs,
+                                                                 local_preprocess_run):
+    out = cluster_inputs / "ray"
+    done = subprocess.run(_on_ray(ray_cluster, cluster_inputs, out), capture_output=True, text=True,
                           timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = _summary(out)
-    assert summary["backend"] == "ray" and summary["shards"] >= 30
-    nodes = summary["shard_nodes"]
-    assert len(nodes) == summary["shards"] and set(nodes) == {"node1", "node2"}, nodes
-    assert set(_summary(local_run)["shard_nodes"]) == {_local_hostname()}
-    _assert_identical(local_run, out)
+    facts = summary(out)
+    assert facts["backend"] == "ray" and facts["shards"] >= 30
+    nodes = facts["shard_nodes"]
+    assert len(nodes) == facts["shards"] and set(nodes) == {"node1", "node2"}, nodes
+    assert set(summary(local_preprocess_run)["shard_nodes"]) == {socket.gethostname()}
+    assert_identical(local_preprocess_run, out)
 
 
-def test_a_worker_node_lost_mid_run_is_retried_on_the_head(ray_cluster, shared, local_run):
-    out = shared / "ray-node-lost"
-    driver = subprocess.Popen(_on_ray(ray_cluster, shared, out), stdout=subprocess.PIPE,
+def test_a_worker_node_lost_mid_run_is_retried_on_the_head(ray_cluster, cluster_inputs, local_preprocess_run):
+    out = cluster_inputs / "ray-node-lost"
+    driver = subprocess.Popen(_on_ray(ray_cluster, cluster_inputs, out), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         # Kill once node2 has finished shards and both actors are mid-shard.
@@ -156,23 +107,23 @@ def test_a_worker_node_lost_mid_run_is_retried_on_the_head(ray_cluster, shared, 
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, output[-3000:]
-    nodes = _summary(out)["shard_nodes"]
+    nodes = summary(out)["shard_nodes"]
     # Both shards in flight at the kill (one of them node2's) were finished by the head.
     assert all(nodes[i] == "node1" for i in in_flight), (in_flight, nodes)
     assert "node2" in nodes
-    _assert_identical(local_run, out)
+    assert_identical(local_preprocess_run, out)
     _restart_worker(ray_cluster)
 
 
 @pytest.mark.parametrize("missing", ["input", "output"])
 def test_a_node_without_the_shared_path_is_a_named_error_and_a_rerun_resumes(
-        ray_cluster, shared, local_run, missing):
-    out = shared / f"ray-no-{missing}"
+        ray_cluster, cluster_inputs, local_preprocess_run, missing):
+    out = cluster_inputs / f"ray-no-{missing}"
     out.mkdir()
-    hidden = shared / "in" if missing == "input" else out
+    hidden = cluster_inputs / "in" if missing == "input" else out
     _restart_worker(ray_cluster, hide=[str(hidden)])
     try:
-        failed = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True,
+        failed = subprocess.run(_on_ray(ray_cluster, cluster_inputs, out), capture_output=True,
                                 text=True, timeout=RUN_TIMEOUT)
     finally:
         _restart_worker(ray_cluster)
@@ -181,24 +132,24 @@ def test_a_node_without_the_shared_path_is_a_named_error_and_a_rerun_resumes(
     assert len(error) == 1, failed.stderr[-3000:]
     assert "failed on node node2" in error[0] and "shared file system" in error[0], error[0]
     if missing == "input":
-        assert "FileNotFoundError" in error[0] and str(shared / "in") in error[0], error[0]
+        assert "FileNotFoundError" in error[0] and str(cluster_inputs / "in") in error[0], error[0]
     else:
         assert "OSError" in error[0] and "Read-only file system" in error[0], error[0]
         assert str(out / ".work") in error[0], error[0]
     _nothing_published(out)
     finished = len(_shards(out / ".work")[0])  # by the head, before node2's failure stopped it
 
-    again = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True, text=True,
+    again = subprocess.run(_on_ray(ray_cluster, cluster_inputs, out), capture_output=True, text=True,
                            timeout=RUN_TIMEOUT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _summary(out)["shards_resumed"] == finished
-    _assert_identical(local_run, out)
+    assert summary(out)["shards_resumed"] == finished
+    assert_identical(local_preprocess_run, out)
 
 
-def test_the_whole_cluster_lost_publishes_nothing_and_a_rerun_resumes(ray_cluster, shared,
-                                                                      local_run):
-    out = shared / "ray-cluster-lost"
-    driver = subprocess.Popen(_on_ray(ray_cluster, shared, out), stdout=subprocess.PIPE,
+def test_the_whole_cluster_lost_publishes_nothing_and_a_rerun_resumes(ray_cluster, cluster_inputs,
+                                                                      local_preprocess_run):
+    out = cluster_inputs / "ray-cluster-lost"
+    driver = subprocess.Popen(_on_ray(ray_cluster, cluster_inputs, out), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
@@ -218,14 +169,8 @@ def test_the_whole_cluster_lost_publishes_nothing_and_a_rerun_resumes(ray_cluste
     ray_cluster.start_node("node1")
     ray_cluster.start_node("node2")
     ray_cluster.wait_nodes(2)
-    again = subprocess.run(_on_ray(ray_cluster, shared, out), capture_output=True, text=True,
+    again = subprocess.run(_on_ray(ray_cluster, cluster_inputs, out), capture_output=True, text=True,
                            timeout=RUN_TIMEOUT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _summary(out)["shards_resumed"] == finished >= 4
-    _assert_identical(local_run, out)
-
-
-def _local_hostname() -> str:
-    import socket
-
-    return socket.gethostname()
+    assert summary(out)["shards_resumed"] == finished >= 4
+    assert_identical(local_preprocess_run, out)

@@ -30,6 +30,7 @@ from megatron_srp.deploy.netns import Nodes, Unavailable, until
 SUBNET = "10.213.77"
 CTLD_PORT, SLURMD_PORT = 16817, 16818
 CRED_EXPIRE_S = 10  # a requeued job starts again about this long after its stop
+DAEMONS = ("slurmd", "slurmctld", "slurmstepd", "slurmscriptd")
 TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "ip", "unshare", "nsenter")
 DEBIAN_PACKAGES = ("slurm-wlm", "munge")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -157,8 +158,7 @@ class LocalSlurm:
                                    f"{timeout:.0f} s: {info}")
             time.sleep(0.5)
 
-    def node_pids(self, node: str, exclude: Sequence[str] = ("slurmd", "slurmctld",
-                                                             "slurmstepd")) -> list[int]:
+    def node_pids(self, node: str, exclude: Sequence[str] = DAEMONS) -> list[int]:
         """The processes running in ``node``'s namespace, less the Slurm daemons."""
         return [pid for pid, name in self.net.process_names(node).items()
                 if name not in exclude]
