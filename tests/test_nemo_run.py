@@ -43,6 +43,21 @@ def test_shipped_code_needs_absolute_data_and_checkpoint_paths(tmp_path):
     check_config(CONFIG_70B, [], _slurm(tmp_path, code_dir="/lustre/me/megatron-srp"))
 
 
+def test_cpu_nodes_need_ranks_per_node_and_are_validated_as_cpus(tmp_path):
+    with pytest.raises(ValueError, match="gpus_per_node=0 .* needs ranks_per_node"):
+        _slurm(tmp_path, gpus_per_node=0, container_image=None)
+    cpu = _slurm(tmp_path, nodes=2, gpus_per_node=0, ranks_per_node=1, container_image=None)
+    assert cpu.world_size == 2
+    tiny = ["data.paths=[/shared/corpus]", "checkpoint.save=/shared/runs/tiny"]
+    assert check_config("examples/tiny_cpu.yaml", tiny, cpu).train.train_iters == 300
+    with pytest.raises(ConfigError, match="bf16 needs a CUDA GPU"):
+        check_config("examples/tiny_cpu.yaml", [*tiny, "train.precision=bf16"], cpu)
+    with pytest.raises(ValueError, match="either venv or container_image"):
+        _slurm(tmp_path, venv="/shared/venv")
+    with pytest.raises(ValueError, match="contains '/nemo_run'"):
+        _slurm(tmp_path, container_image=None, job_dir="/shared/nemo_run/jobs")
+
+
 def test_missing_nemo_run_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "nemo_run", None)  # what an absent package looks like
     with pytest.raises(ImportError, match="pip install nemo_run"):
@@ -50,16 +65,19 @@ def test_missing_nemo_run_names_the_package(monkeypatch):
 
 
 def test_local_executor_runs_the_typed_torchrun_command(shakespeare_dataset, tmp_path):
-    pytest.importorskip("nemo_run", reason="NeMo-Run is optional: pip install nemo_run")
+    # The config names a dataset that exists (the local launch checks the files first).
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"base: {REPO_ROOT / 'examples' / 'tiny_cpu.yaml'}\n"
+                      f"data:\n  paths: [{shakespeare_dataset}]\n")
     plain = ["train.train_iters=3", "train.warmup_iters=1"]
-    done = launch(LocalTarget(2), "examples/tiny_cpu.yaml", plain, dryrun=True,
+    done = launch(LocalTarget(2), str(config), plain, dryrun=True,
                   base_dir=str(tmp_path), quiet=True)
     argv = shlex.split(done.rendered)
     assert argv[0] == "torchrun" and done.handle is None
     assert argv[argv.index("--nnodes") + 1] == "1"
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
     tool = argv.index(str(REPO_ROOT / "tools" / "pretrain_srp.py"))
-    assert argv[tool + 1:] == ["--config", "examples/tiny_cpu.yaml", *plain]
+    assert argv[tool + 1:] == ["--config", str(config), *plain]
 
     # An override the shell would need quoted goes into a config layer over the same file.
     bracketed = [*plain, f"data.paths=[{shakespeare_dataset}]"]
@@ -74,7 +92,6 @@ def test_local_executor_runs_the_typed_torchrun_command(shakespeare_dataset, tmp
 def test_local_executor_trains_the_tiny_preset(shakespeare_dataset, tmp_path):
     """Through the tool, in a process of its own: NeMo-Run keeps its local job table in
     $NEMORUN_HOME, read once at import. PATH lacks the venv: the launcher supplies torchrun."""
-    pytest.importorskip("nemo_run", reason="NeMo-Run is optional: pip install nemo_run")
     save = tmp_path / "run"
     cmd = [sys.executable, "tools/launch_nemo_run.py", "local", "--nproc-per-node", "1",
            *TINY, f"data.paths=[{shakespeare_dataset}]", f"checkpoint.save={save}",
@@ -90,7 +107,6 @@ def test_local_executor_trains_the_tiny_preset(shakespeare_dataset, tmp_path):
 
 
 def test_slurm_executor_writes_the_sbatch_script(tmp_path, monkeypatch):
-    pytest.importorskip("nemo_run", reason="NeMo-Run is optional: pip install nemo_run")
     # NeMo-Run packages the code with shell commands that read stdin; pytest forbids that.
     monkeypatch.setattr(sys, "stdin", open(os.devnull))
     overrides = ["data.paths=[/lustre/corpus]", "checkpoint.save=/lustre/runs/70b"]
@@ -102,10 +118,27 @@ def test_slurm_executor_writes_the_sbatch_script(tmp_path, monkeypatch):
                  "#SBATCH --time=12:00:00", "export CUDA_DEVICE_MAX_CONNECTIONS=1",
                  "export PYTHONPATH=/nemo_run/code"):
         assert line in script.splitlines(), line
-    srun = shlex.split(next(line for line in script.splitlines() if line.startswith("srun ")))
+    srun_line = next(line for line in script.splitlines() if line.startswith("srun "))
+    srun = shlex.split(srun_line)
     assert srun[srun.index("--container-image") + 1] == IMAGE
     assert srun[srun.index("--container-mounts") + 1].startswith("/lustre:/lustre,")
     assert srun[srun.index("--container-workdir") + 1] == "/nemo_run/code"
+    # torchrun runs under a bash that ignores the stop signals, and handles none of them itself
+    wrapper = srun[srun.index("torchrun") - 4:srun.index("torchrun")]
+    assert wrapper[:2] == ["bash", "-c"] and wrapper[2].startswith('trap "" TERM USR1; exec "$1" '
+                                                                   "--signals-to-handle=SIGINT,"
+                                                                   "SIGHUP,SIGQUIT ")
+    lines = script.splitlines()
+    # the graceful stop: the signal before the time limit, the marker the ranks write (the job
+    # directory as the container sees it), and the requeue after the srun
+    assert "#SBATCH --signal=USR1@120" in lines
+    assert "export SRP_STOP_MARKER=/nemo_run/stopped.json" in lines
+    marker = next(line for line in lines if line.startswith("srp_stop_marker="))
+    assert marker.startswith(f"srp_stop_marker={tmp_path}/cluster/experiments/srp-pretrain/")
+    assert marker.endswith("/srp-pretrain/stopped.json")
+    assert lines.index("trap srp_after_step EXIT") < lines.index(srun_line)
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "exit 75" in script
+    assert not (tmp_path / "cluster").exists()  # a dry run writes nothing into the job dir
     torchrun = srun[srun.index("torchrun"):]
     assert torchrun[torchrun.index("--nnodes") + 1] == "8"
     assert torchrun[torchrun.index("--nproc-per-node") + 1] == "8"
@@ -114,7 +147,6 @@ def test_slurm_executor_writes_the_sbatch_script(tmp_path, monkeypatch):
 
 
 def test_launch_tool_with_a_checkout_on_the_cluster(tmp_path):
-    pytest.importorskip("nemo_run", reason="NeMo-Run is optional: pip install nemo_run")
     cmd = [sys.executable, "tools/launch_nemo_run.py", "slurm", "--account", "acct",
            "--nodes", "32", "--container-image", IMAGE, "--job-dir", str(tmp_path / "jobs"),
            "--code-dir", "/lustre/me/megatron-srp", "--dryrun",

@@ -2,7 +2,13 @@
 
     python tools/launch_nemo_run.py local --nproc-per-node 8 --config FILE [key=value ...]
     python tools/launch_nemo_run.py slurm --account ACCT --partition PART --nodes 8 \\
-        --container-image IMAGE --job-dir /shared/nemo_run --config FILE [key=value ...]
+        --container-image IMAGE --job-dir /shared/srp-jobs --config FILE [key=value ...]
+    python tools/launch_nemo_run.py slurm --account ACCT --nodes 2 --gpus-per-node 0 \\
+        --ranks-per-node 2 --no-container --venv /shared/venv --code-dir /shared/megatron-srp \\
+        --job-dir /shared/srp-jobs --detach --config FILE [key=value ...]
+
+A Slurm job that is stopped gracefully (preemption, its time limit, scancel --signal=TERM)
+saves a checkpoint and requeues itself, then resumes (--no-requeue: it ends instead).
 
 --dryrun prints the torchrun command (local) or the sbatch script (slurm) without running it.
 See docs/deployment.md.
@@ -25,17 +31,23 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--account", required=True)
     slurm.add_argument("--partition")
     slurm.add_argument("--nodes", type=int, required=True)
-    slurm.add_argument("--gpus-per-node", type=int, default=8)
+    slurm.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU nodes")
+    slurm.add_argument("--ranks-per-node", type=int,
+                       help="torchrun's ranks per node (default: --gpus-per-node)")
     slurm.add_argument("--time", default="04:00:00")
     slurm.add_argument("--container-image", help="pyxis/enroot image (omit: --no-container)")
     slurm.add_argument("--no-container", action="store_true",
                        help="run in the nodes' own environment (torchrun on PATH)")
+    slurm.add_argument("--venv", help="with --no-container: this virtual environment's torchrun")
     slurm.add_argument("--container-mount", action="append", default=[], metavar="SRC:DST")
     slurm.add_argument("--job-dir", required=True, help="NeMo-Run's job files, on the cluster")
     slurm.add_argument("--code-dir", help="a checkout on the cluster to run (default: ship this "
                        "checkout's committed HEAD)")
     slurm.add_argument("--ssh-host", help="submit over SSH (default: sbatch here)")
     slurm.add_argument("--ssh-user")
+    slurm.add_argument("--no-requeue", action="store_true",
+                       help="after a graceful stop, end the job (exit 75) instead of requeueing")
+    slurm.add_argument("--max-requeues", type=int, default=20)
     slurm.add_argument("--detach", action="store_true", help="return once the job is queued")
     for p in (local, slurm):
         p.add_argument("--name", default="srp-pretrain", help="NeMo-Run experiment name")
@@ -58,11 +70,16 @@ def main(argv=None) -> int:
     else:
         if bool(args.container_image) == args.no_container:
             parser.error("give exactly one of --container-image and --no-container")
-        target = SlurmTarget(
-            account=args.account, partition=args.partition, nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node, time=args.time, job_dir=args.job_dir,
-            container_image=args.container_image, container_mounts=tuple(args.container_mount),
-            code_dir=args.code_dir, ssh_host=args.ssh_host, ssh_user=args.ssh_user)
+        try:
+            target = SlurmTarget(
+                account=args.account, partition=args.partition, nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
+                time=args.time, job_dir=args.job_dir, container_image=args.container_image,
+                container_mounts=tuple(args.container_mount), venv=args.venv,
+                code_dir=args.code_dir, ssh_host=args.ssh_host, ssh_user=args.ssh_user,
+                requeue=not args.no_requeue, max_requeues=args.max_requeues)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         done = launch(target, args.config, overrides, name=args.name, dryrun=args.dryrun,
                       detach=getattr(args, "detach", False), quiet=args.dryrun)

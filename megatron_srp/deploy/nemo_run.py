@@ -5,7 +5,12 @@ as ``examples/slurm/pretrain.sbatch``: one torchrun per node running ``tools/pre
 --config FILE key=value ...``. The config is loaded and validated for the target's world size
 before anything is submitted, so a layout that cannot run never waits in a queue.
 
-NeMo-Run is optional and imported only when used (``pip install nemo_run``; docs/deployment.md).
+A Slurm job stops gracefully and requeues itself as ``examples/slurm/pretrain.sbatch`` does (see
+:func:`graceful_requeue`). On CPU nodes (``gpus_per_node=0``, ``ranks_per_node`` ranks each) and
+without a container (``venv``), the same job runs on any Slurm, such as the local test cluster of
+``megatron_srp/deploy/local_slurm.py``.
+
+NeMo-Run is imported only when used (the ``nemo-run`` extra, also in ``dev``; docs/deployment.md).
 """
 from __future__ import annotations
 
@@ -33,6 +38,14 @@ CLUSTER_ENV = {
     "OMP_NUM_THREADS": "8",
     "PYTHONUNBUFFERED": "1",
 }
+# What a CPU job (gpus_per_node=0) is validated for: fp32, local layer specs.
+CPU_NODE = Platform(has_cuda=False, capability=None, has_transformer_engine=False)
+# Slurm sends this to every process of the job 120 s before its time limit (sbatch --signal);
+# the ranks catch it (train.exit_signals) and stop with a checkpoint.
+TIME_LIMIT_SIGNAL = "USR1@120"
+# Where the job's files live in its container (NeMo-Run mounts the job directory there; without
+# a container NeMo-Run writes the job directory's own path in its place).
+RUNDIR = "/nemo_run"
 
 
 def require_nemo_run() -> ModuleType:
@@ -61,12 +74,17 @@ class LocalTarget:
 
 @dataclass(frozen=True)
 class SlurmTarget:
-    """An sbatch job of ``nodes`` nodes, one torchrun per node over ``gpus_per_node`` GPUs.
+    """An sbatch job of ``nodes`` nodes, one torchrun per node over ``ranks_per_node`` ranks
+    (default: ``gpus_per_node``, one rank per GPU).
 
     ``job_dir`` is where NeMo-Run keeps the job's files on the cluster. Without ``code_dir`` the
     committed HEAD of this checkout is shipped with the job (NeMo-Run's GitArchivePackager);
     with it, the job runs the checkout at that path on the cluster's shared filesystem.
-    ``container_image`` None runs in the nodes' own environment (``torchrun`` on PATH).
+    ``container_image`` None runs in the nodes' own environment: ``torchrun`` from ``venv``
+    (a virtual environment every node sees at that path), else from the nodes' PATH.
+    ``gpus_per_node=0`` asks for CPU nodes; ``ranks_per_node`` then says how many ranks.
+    A graceful stop (preemption, the time limit, ``scancel --signal=TERM``) saves and, with
+    ``requeue``, requeues the job (at most ``max_requeues`` times), which resumes.
     """
 
     account: str
@@ -75,16 +93,44 @@ class SlurmTarget:
     container_image: Optional[str]
     partition: Optional[str] = None
     gpus_per_node: int = 8
+    ranks_per_node: Optional[int] = None
     time: str = "04:00:00"
     container_mounts: tuple[str, ...] = ()
+    venv: Optional[str] = None
     ssh_host: Optional[str] = None  # submit over SSH; None: sbatch here (a login node)
     ssh_user: Optional[str] = None
     code_dir: Optional[str] = None
+    requeue: bool = True
+    max_requeues: int = 20
     env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"nodes must be at least 1, not {self.nodes}")
+        if self.gpus_per_node < 0 or (self.ranks_per_node is not None
+                                      and self.ranks_per_node < 1):
+            raise ValueError(f"gpus_per_node must be >= 0 and ranks_per_node >= 1, not "
+                             f"{self.gpus_per_node} and {self.ranks_per_node}")
+        if self.gpus_per_node == 0 and self.ranks_per_node is None:
+            raise ValueError("gpus_per_node=0 (CPU nodes) needs ranks_per_node, the number of "
+                             "ranks torchrun starts on each node")
+        if self.venv and self.container_image:
+            raise ValueError("venv runs without a container; give either venv or "
+                             "container_image, not both")
+        if self.container_image is None and RUNDIR in self.job_dir:
+            # Without a container NeMo-Run replaces every "/nemo_run" in the sbatch script
+            # with the job directory's path, this one's included.
+            raise ValueError(f"job_dir {self.job_dir!r} contains {RUNDIR!r}, which NeMo-Run "
+                             "rewrites in a job without a container; choose another directory")
+
+    @property
+    def ranks(self) -> int:
+        """torchrun's processes per node."""
+        return self.gpus_per_node if self.ranks_per_node is None else self.ranks_per_node
 
     @property
     def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return self.nodes * self.ranks
 
 
 Target = Union[LocalTarget, SlurmTarget]
@@ -109,8 +155,11 @@ def check_config(config: Optional[str], overrides: Sequence[str],
     """
     cfg = load_config(config, list(overrides))
     local = isinstance(target, LocalTarget)
-    validate(cfg, target.world_size, Platform.detect() if local else HOPPER_WITH_TE,
-             check_files=local)
+    if local:
+        platform = Platform.detect()
+    else:
+        platform = CPU_NODE if target.gpus_per_node == 0 else HOPPER_WITH_TE
+    validate(cfg, target.world_size, platform, check_files=local)
     if isinstance(target, SlurmTarget) and target.code_dir is None:
         paths = [("data.paths" if not cfg.data.curriculum else "data.curriculum", p)
                  for p in cfg.data.prefixes()]
@@ -166,7 +215,9 @@ def local_executor(target: LocalTarget) -> Any:
 
 
 def slurm_executor(target: SlurmTarget) -> Any:
-    """NeMo-Run's SlurmExecutor: exclusive nodes, torchrun launcher, pyxis container."""
+    """NeMo-Run's SlurmExecutor: exclusive nodes, torchrun launcher, a pyxis container or the
+    nodes' own environment. The graceful stop's parts that need the job's directory are added
+    by :func:`graceful_requeue` once NeMo-Run has assigned it."""
     run = require_nemo_run()
     from nemo_run.config import RUNDIR_NAME
 
@@ -174,10 +225,14 @@ def slurm_executor(target: SlurmTarget) -> Any:
         tunnel = run.SSHTunnel(host=target.ssh_host, user=target.ssh_user or getpass.getuser(),
                                job_dir=target.job_dir)
     else:
-        tunnel = run.LocalTunnel(job_dir=target.job_dir)
+        # Through a LocalTunnel NeMo-Run submits the sbatch script from where it wrote it, the
+        # experiment's directory: launch() keeps the experiment in job_dir, which is this.
+        tunnel = run.LocalTunnel(job_dir=os.path.join(target.job_dir, "experiments"))
     mounts = list(target.container_mounts)
     if target.code_dir:
-        packager = run.Packager(symlink_from_remote_dir=target.code_dir)
+        # The job's code directory becomes a link to the checkout. (NeMo-Run links it only for
+        # a packager subclass; the base Packager would leave the job without code.)
+        packager = run.GitArchivePackager(symlink_from_remote_dir=target.code_dir)
         mounts.append(f"{target.code_dir}:{target.code_dir}")
     else:
         # Committed code only (git archive of HEAD); NeMo-Run needs the launch to be started
@@ -186,12 +241,68 @@ def slurm_executor(target: SlurmTarget) -> Any:
     # The job's code directory (its working directory) comes first on the import path, ahead
     # of any copy of the project installed in the image.
     env = {**CLUSTER_ENV, "PYTHONPATH": f"/{RUNDIR_NAME}/code", **target.env}
+    if target.venv:
+        env["PATH"] = f"{os.path.abspath(target.venv)}/bin:$PATH"
     return run.SlurmExecutor(
         account=target.account, partition=target.partition, nodes=target.nodes,
-        ntasks_per_node=target.gpus_per_node, gpus_per_node=target.gpus_per_node,
-        time=target.time, exclusive=True, container_image=target.container_image,
+        ntasks_per_node=target.ranks, torchrun_nproc_per_node=target.ranks,
+        gpus_per_node=target.gpus_per_node or None, time=target.time, exclusive=True,
+        signal=TIME_LIMIT_SIGNAL, container_image=target.container_image,
         container_mounts=mounts, tunnel=tunnel, packager=packager, env_vars=env,
-        launcher="torchrun")
+        launcher="torchrun", srun_args=list(TORCHRUN_IGNORING_STOP_SIGNALS))
+
+
+# The graceful stop of examples/slurm/pretrain.sbatch, in NeMo-Run's sbatch script. NeMo-Run's
+# torchrun launcher has no hook around the torchrun command and its script template none after
+# the srun, so:
+# - torchrun ignores SIGTERM and SIGUSR1 (Slurm sends them to every process of the step; a
+#   torchrun that handled SIGTERM would cut the ranks' save short, and SIGUSR1 would kill it).
+#   NeMo-Run puts the executor's srun_args last before the command, so these words make srun run
+#   `bash -c '...' srp-torchrun torchrun ARGS`: bash ignores both signals (an ignored signal
+#   stays ignored across exec, in torchrun and its ranks, which install their own handlers) and
+#   execs torchrun, told to handle only INT, HUP and QUIT. NeMo-Run 0.11 writes srun_args into
+#   the script as they are, so the bash program is quoted here.
+# - the script's setup lines (run before the srun) point the ranks at the stop marker, remove
+#   a stale one, and set an EXIT trap: after the srun, whatever its status, a marker means a
+#   graceful stop, and the job requeues itself (same job id) and resumes from the checkpoint.
+TORCHRUN_IGNORING_STOP_SIGNALS = (
+    "bash", "-c",
+    shlex.quote('trap "" TERM USR1; exec "$1" --signals-to-handle=SIGINT,SIGHUP,SIGQUIT "${@:2}"'),
+    "srp-torchrun")
+
+
+def graceful_requeue(executor: Any, target: SlurmTarget) -> None:
+    """Add the stop marker and the requeue to a SlurmExecutor NeMo-Run has assigned to a job
+    (its job directory is known then). The ranks write the marker at ``/nemo_run/stopped.json``
+    (the job directory as the container sees it); the sbatch script reads it at the job
+    directory's own path."""
+    from megatron_srp.training.stopping import EXIT_STOPPED, STOP_MARKER_ENV  # imports torch
+
+    job_folder = os.path.join(executor.tunnel.job_dir, Path(executor.job_dir).name)
+    marker = shlex.quote(os.path.join(job_folder, "stopped.json"))
+    executor.env_vars[STOP_MARKER_ENV] = f"{RUNDIR}/stopped.json"
+    if target.requeue:
+        limit = int(target.max_requeues)
+        then = (f'        if [[ ${{SLURM_RESTART_COUNT:-0}} -lt {limit} ]]; then\n'
+                '            echo "requeueing job $SLURM_JOB_ID; it resumes from the checkpoint '
+                'above"\n'
+                '            scontrol requeue "$SLURM_JOB_ID"\n'
+                '            exit 0\n'
+                '        fi\n')
+    else:
+        then = ""
+    executor.setup_lines = (
+        f"# A graceful stop: the ranks saved, then wrote {STOP_MARKER_ENV}.\n"
+        f"srp_stop_marker={marker}\n"
+        'rm -f "$srp_stop_marker"\n'
+        "srp_after_step() {\n"
+        '    if [[ -f $srp_stop_marker ]]; then\n'
+        '        echo "job $SLURM_JOB_ID stopped gracefully: $(cat "$srp_stop_marker")"\n'
+        f"{then}"
+        f"        exit {EXIT_STOPPED}\n"
+        "    fi\n"
+        "}\n"
+        "trap srp_after_step EXIT")
 
 
 def _render(dryrun_info: Any) -> str:
@@ -208,10 +319,14 @@ def launch(target: Target, config: Optional[str], overrides: Sequence[str] = (),
     """Validate, then run (or dry-run) the pretraining job as a NeMo-Run experiment.
 
     A local job is waited for; a Slurm job too unless ``detach``. ``base_dir`` holds NeMo-Run's
-    experiment records (default ``$NEMORUN_HOME``, ``~/.nemo_run``).
+    experiment records (default ``$NEMORUN_HOME``, ``~/.nemo_run``), except for a Slurm job
+    submitted from this machine (not a dry run), whose records are its files in the target's
+    ``job_dir``.
     """
     check_config(config, overrides, target)
     run = require_nemo_run()
+    if isinstance(target, SlurmTarget) and not target.ssh_host and not dryrun:
+        base_dir = target.job_dir  # a dry run renders the same paths and writes nothing there
     layer_dir = os.path.join(base_dir or run.config.get_nemorun_home(), "srp-config-layers")
     script = pretrain_script(config, overrides, target, layer_dir)
     executor = (local_executor(target) if isinstance(target, LocalTarget)
@@ -219,6 +334,8 @@ def launch(target: Target, config: Optional[str], overrides: Sequence[str] = (),
     with run.Experiment(name, executor=executor, base_dir=base_dir, clean_mode=quiet,
                         log_level="WARN" if quiet else "INFO") as exp:
         exp.add(script, name=name, tail_logs=not (quiet or detach))
+        if isinstance(target, SlurmTarget):
+            graceful_requeue(exp.jobs[0].executor, target)
         if dryrun:
             exp.dryrun(log=False)
         else:
