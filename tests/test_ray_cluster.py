@@ -10,6 +10,9 @@ inputs and the output on a directory both nodes see (as a shared file system).
   driver naming the shard, the node and the path, not a hang; nothing is published, and a
   rerun on a healthy cluster resumes from the finished shards to the same bytes.
 - The whole cluster lost: the driver fails, nothing is published, a rerun resumes.
+- The ``hf`` classifier runs as one actor per GPU (each node declares one GPU to Ray): with
+  ``--workers 4`` on two GPUs the pool is two actors, one per node, and the bytes are the
+  local backend's.
 
 Marked ``slurm`` (the cluster tests, ``make test-slurm``); without root or namespaces they skip
 and say why.
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from _cluster_preprocess import RUN_TIMEOUT, args, assert_identical, summary
+from _cluster_preprocess import REPO, RUN_TIMEOUT, args, assert_identical, summary
 from megatron_srp.deploy.local_ray import LocalRay
 from megatron_srp.deploy.netns import Unavailable
 
@@ -35,7 +38,9 @@ pytestmark = pytest.mark.slurm
 def ray_cluster(tmp_path_factory):
     pytest.importorskip("ray.data")
     try:
-        cluster = LocalRay(tmp_path_factory.mktemp("raycluster"), nodes=2, cpus_per_node=1)
+        # One GPU per node, declared to Ray (none is needed to place actors by it).
+        cluster = LocalRay(tmp_path_factory.mktemp("raycluster"), nodes=2, cpus_per_node=1,
+                           gpus_per_node=1)
         cluster.start()
     except Unavailable as e:
         pytest.skip(f"no local Ray cluster here: {e}")
@@ -84,6 +89,7 @@ def test_two_nodes_run_shards_and_write_the_local_backends_bytes(ray_cluster, cl
     nodes = facts["shard_nodes"]
     assert len(nodes) == facts["shards"] and set(nodes) == {"node1", "node2"}, nodes
     assert set(summary(local_preprocess_run)["shard_nodes"]) == {socket.gethostname()}
+    assert set(map(tuple, facts["shard_gpus"])) == {()}  # embedded: CPU actors
     assert_identical(local_preprocess_run, out)
 
 
@@ -174,3 +180,46 @@ def test_the_whole_cluster_lost_publishes_nothing_and_a_rerun_resumes(ray_cluste
     assert again.returncode == 0, again.stderr[-3000:]
     assert summary(out)["shards_resumed"] == finished >= 4
     assert_identical(local_preprocess_run, out)
+
+
+@pytest.fixture(scope="module")
+def hf_model(cluster_inputs) -> Path:
+    """A tiny random-init BERT classifier with the shipped tokenizer, saved locally."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(REPO / "megatron_srp" / "assets" / "tokenizer" / "tokenizer.json"),
+        pad_token="<|pad|>")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+                     id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1},
+                     pad_token_id=tokenizer.pad_token_id)
+    model = BertForSequenceClassification(cfg)
+    torch.nn.init.normal_(model.classifier.weight, std=2.0)  # some segments unsafe
+    out = cluster_inputs / "hf-classifier"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_the_hf_classifier_runs_one_actor_per_gpu(ray_cluster, cluster_inputs, hf_model):
+    hf = ["--classifier", "hf", "--classifier-option", f"model_dir={hf_model}",
+          "--classifier-option", "device=cpu", "--shard-mb", "0.2"]
+    local = cluster_inputs / "local-hf"
+    done = subprocess.run([*args(cluster_inputs, local), *hf, "--workers", "1"],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = cluster_inputs / "ray-hf"
+    done = subprocess.run(ray_cluster.command([*args(cluster_inputs, out), *hf, "--backend", "ray",
+                                               "--workers", "4", "--ray-address",
+                                               ray_cluster.address]),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = summary(out)
+    assert facts["unsafe_segments"] > 0 and facts["segments"] > facts["unsafe_segments"]
+    assert set(facts["shard_nodes"]) == {"node1", "node2"}, facts["shard_nodes"]
+    assert all(gpus == ["0"] for gpus in facts["shard_gpus"]), facts["shard_gpus"]
+    assert_identical(local, out)

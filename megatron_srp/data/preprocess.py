@@ -203,6 +203,7 @@ def run_preprocess(config: PreprocessConfig, tokenizer: SRPTokenizer,
     summary = _summary(config, describe, totals, metas, time.perf_counter() - started, resumed,
                        len(specs))
     summary["shard_nodes"] = [results[s.index].get("node") for s in specs]  # who ran each
+    summary["shard_gpus"] = [results[s.index].get("gpus", []) for s in specs]  # Ray's GPU ids
     write_atomic(layout.summary_md, markdown_summary(summary))
     write_atomic(layout.summary, json.dumps(summary, indent=2) + "\n")
     if not config.keep_work:

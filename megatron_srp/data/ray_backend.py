@@ -32,7 +32,11 @@ class _ShardActor:
         self.specs = {s.index: s for s in pickle.loads(specs)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [json.dumps(self.processor(self.specs[int(i)])) for i in batch["index"]]
+        import ray
+
+        gpus = [str(g) for g in ray.get_gpu_ids()]  # the GPU Ray gave this actor, if any
+        results = [json.dumps({**self.processor(self.specs[int(i)]), "gpus": gpus})
+                   for i in batch["index"]]
         return {"index": batch["index"], "result": np.array(results, dtype=object)}
 
 
@@ -57,14 +61,18 @@ def run_shards_on_ray(processor: ShardProcessor, todo: Sequence[ShardSpec], work
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the driver shows its own progress
         classifier = processor.labeler.classifier
-        gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = gpus > 0 and getattr(classifier, "name", None) in GPU_CLASSIFIERS
+        resources = ray.cluster_resources()
+        use_gpu = (resources.get("GPU", 0) > 0
+                   and getattr(classifier, "name", None) in GPU_CLASSIFIERS)
+        # No more actors than the cluster can place (one GPU, or one CPU, each): a fixed-size
+        # pool larger than that would wait for actors that never start.
+        capacity = int(resources.get("GPU" if use_gpu else "CPU", workers))
         specs = {s.index: s for s in todo}
         dataset = ray.data.from_items([{"index": s.index} for s in todo],
                                       override_num_blocks=len(todo))
         mapped = dataset.map_batches(
             _ShardActor, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo)))),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo), capacity))),
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
             fn_constructor_args=(pickle.dumps(processor), pickle.dumps(list(todo))))

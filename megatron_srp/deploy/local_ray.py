@@ -17,10 +17,13 @@ namespace. Needs root and iproute2/util-linux (:class:`Unavailable` otherwise).
 """
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -41,10 +44,12 @@ class LocalRay:
     :meth:`stop`, which SIGKILLs every process of every node and removes the namespaces."""
 
     def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 1,
-                 python: str = sys.executable) -> None:
+                 gpus_per_node: int = 0, python: str = sys.executable) -> None:
+        """``gpus_per_node`` is what each node declares to Ray (``ray start --num-gpus``),
+        whether or not the machine has them: tasks that ask for GPUs are placed by it."""
         self.net = Nodes(root, nodes, SUBNET, prefix="srpray")
         self.root = self.net.root
-        self.cpus = cpus_per_node
+        self.cpus, self.gpus = cpus_per_node, gpus_per_node
         self.bin = Path(python).parent
         self.head = self.net.names[0]
         self.starts: dict[str, int] = {}
@@ -98,7 +103,7 @@ class LocalRay:
         temp = self._temp_root() / f"{node}-{self.starts[node]}"
         temp.mkdir(parents=True, exist_ok=True)
         args = [str(self.bin / "ray"), "start", f"--node-ip-address={self.net.addr[node]}",
-                f"--num-cpus={self.cpus}", "--num-gpus=0", f"--temp-dir={temp}",
+                f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}", f"--temp-dir={temp}",
                 f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
         if node == self.head:
             args += ["--head", f"--port={GCS_PORT}", "--include-dashboard=false"]
@@ -149,3 +154,28 @@ class LocalRay:
     def _temp_root(self) -> Path:
         # Ray's sockets live under its temp dir, and a socket path may not exceed 107 bytes.
         return Path("/tmp") / f"srpray-{self.net.netns[self.head].split('-')[0]}"
+
+
+def hold(cluster: LocalRay, info: Path) -> dict:
+    """Start ``cluster``, write ``info`` (its address and the command prefix that runs a driver
+    on its head), keep it up until SIGINT or SIGTERM, then stop it. For trying things and for
+    benchmarks that time drivers against a cluster that is already up (tools/local_ray.py)."""
+    stopped = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stopped.set())
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    cluster.start()
+    try:
+        facts = {"address": cluster.address, "nodes": cluster.nodes,
+                 "cpus_per_node": cluster.cpus, "gpus_per_node": cluster.gpus,
+                 "driver": cluster.command([])}
+        info.write_text(json.dumps(facts, indent=2) + "\n")
+        print(f"Ray cluster up: {len(cluster.nodes)} node(s), {cluster.cpus} CPU(s) each, at "
+              f"{cluster.address}; run a driver on its head with the prefix in {info}; "
+              "Ctrl-C stops it", flush=True)
+        stopped.wait()
+    finally:
+        info.unlink(missing_ok=True)
+        cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return facts
