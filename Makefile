@@ -3,7 +3,8 @@
 #               models pretrained, attacked and judged exactly; prints the premise table and
 #               the headline comparison (about 15 minutes on 2 cores, the venv included)
 #   make test   the default test suite (CPU; slow, GPU and Slurm tests are skipped)
-# make test-slurm: examples/slurm/pretrain.sbatch on a local two-node Slurm (run by .ci/run).
+# make test-slurm: the cluster tests (run by .ci/run): the sbatch scripts and NeMo-Run on a local
+#                 two-node Slurm, preprocessing on a local two-node Ray cluster.
 # make demo-full: the full CPU experiment (3 seeds, rewrite, noisy ablation, finetuning attacks,
 #                post-training with reflections); reuses the demo's models.
 # make demo-shakespeare: preprocess tinyshakespeare, train the tiny preset on 2 ranks, sample.
