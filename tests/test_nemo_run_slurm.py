@@ -18,12 +18,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from _cluster_training import STEPS, assert_same_losses, latest_step, wait_steps
 from megatron_srp.deploy.local_slurm import LocalSlurm
 from megatron_srp.training.launch import (
     JOB_TAG_ENV, TINY, run_pretrain, train_losses, wait_for_no_processes,
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "examples/tiny_cpu.yaml"
-STEPS = 20
 CLIENT_COMMANDS = ("sbatch", "squeue", "scontrol", "scancel", "sacct", "sinfo")
 
 
@@ -107,23 +106,6 @@ def _submit(login_node: Path, work: Path, dataset: str) -> Submitted:
     return Submitted(int(handle.rsplit("/", 1)[-1]), work, run, tag)
 
 
-def _wait_steps(run: Path, n: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not ((run / "metrics.jsonl").exists() and len(train_losses(run)) >= n):
-        assert time.monotonic() < deadline, f"fewer than {n} steps in {run} after {timeout} s"
-        time.sleep(0.2)
-
-
-def _assert_same_losses(got: dict, expected: dict) -> None:
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
-
-
-def _latest(run: Path) -> int:
-    return int((run / "latest").read_text().strip().removeprefix("iter_"))
-
-
 def test_slurm_executor_trains_across_two_nodes(slurm_cluster, login_node, reference,
                                                 shakespeare_dataset, tmp_path):
     job = _submit(login_node, tmp_path, shakespeare_dataset)
@@ -137,8 +119,8 @@ def test_slurm_executor_trains_across_two_nodes(slurm_cluster, login_node, refer
     assert "--nnodes 2 --nproc-per-node 1" in script
     step_log = job.step_output(0)
     assert "starting at step 0" in step_log, step_log[-3000:]
-    _assert_same_losses(train_losses(job.run), reference)
-    assert _latest(job.run) == STEPS
+    assert_same_losses(train_losses(job.run), reference)
+    assert latest_step(job.run) == STEPS
     assert {p.name for p in job.run.glob("iter_*")} == {f"iter_{s:07d}" for s in (5, 10, 15, 20)}
     facts = json.loads((job.run / f"iter_{STEPS:07d}" / "run.json").read_text())
     assert facts["progress"]["iteration"] == STEPS
@@ -155,7 +137,7 @@ def test_graceful_stop_saves_requeues_and_resumes_exactly(slurm_cluster, login_n
                                                           signal_name):
     job = _submit(login_node, tmp_path, shakespeare_dataset)
     slurm_cluster.wait(job.job, states=("RUNNING",))
-    _wait_steps(job.run, 7)
+    wait_steps(job.run, 7)
     slurm_cluster.run(["scancel", f"--signal={signal_name}", str(job.job)])
     # Slurm holds a requeued job until its old credential expires, then starts it by itself.
     slurm_cluster.wait(job.job, states=("PENDING",), condition=lambda j: j["Restarts"] == "1",
@@ -181,6 +163,6 @@ def test_graceful_stop_saves_requeues_and_resumes_exactly(slurm_cluster, login_n
     resumed = job.step_output(1)
     assert f"starting at step {step}" in resumed, resumed[-3000:]
     assert not (job.folder() / "stopped.json").exists()  # the requeued run cleared it
-    _assert_same_losses(train_losses(job.run), reference)
-    assert _latest(job.run) == STEPS
+    assert_same_losses(train_losses(job.run), reference)
+    assert latest_step(job.run) == STEPS
     assert wait_for_no_processes(job.tag) == []

@@ -16,11 +16,11 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from _cluster_training import STEPS, assert_same_losses, latest_step, wait_steps
 from megatron_srp.deploy.local_slurm import LocalSlurm
 from megatron_srp.training.launch import TINY, train_losses
 
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "examples" / "slurm" / "pretrain.sbatch"
-STEPS = 20
 
 
 @pytest.fixture
@@ -53,24 +52,6 @@ def _output(work: Path, job: int) -> str:
     return p.read_text(errors="replace") if p.exists() else ""
 
 
-def _latest(run: Path) -> int:
-    p = run / "latest"
-    return int(p.read_text().strip().removeprefix("iter_")) if p.is_file() else 0
-
-
-def _wait_steps(run: Path, n: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not ((run / "metrics.jsonl").exists() and len(train_losses(run)) >= n):
-        assert time.monotonic() < deadline, f"fewer than {n} steps in {run} after {timeout} s"
-        time.sleep(0.2)
-
-
-def _assert_same_losses(got: dict, expected: dict) -> None:
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
-
-
 @pytest.fixture(scope="module")
 def single_node(cluster, shakespeare_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("single")
@@ -86,7 +67,7 @@ def test_single_node_sbatch_trains_and_saves(single_node):
     assert info["JobState"] == "COMPLETED", out[-3000:]
     assert info["NodeList"] == "node1" and info["Restarts"] == "0"
     assert sorted(train_losses(run)) == list(range(1, STEPS + 1))
-    assert _latest(run) == STEPS
+    assert latest_step(run) == STEPS
     assert {p.name for p in run.glob("iter_*")} == {f"iter_{s:07d}" for s in (5, 10, 15, 20)}
     facts = json.loads((run / f"iter_{STEPS:07d}" / "run.json").read_text())
     assert facts["progress"]["iteration"] == STEPS
@@ -107,8 +88,8 @@ def test_two_node_sbatch_matches_single_node(cluster, single_node, shakespeare_d
     attempts = sorted((tmp_path / "logs" / "ranks").iterdir())
     assert len(attempts) == 2, attempts
     assert "1 ranks, head node1:29533" in (tmp_path / "logs" / "launch.txt").read_text()
-    _assert_same_losses(train_losses(run), train_losses(single_node[3]))
-    assert _latest(run) == STEPS
+    assert_same_losses(train_losses(run), train_losses(single_node[3]))
+    assert latest_step(run) == STEPS
 
 
 def test_graceful_preemption_saves_requeues_and_resumes_exactly(cluster, single_node,
@@ -116,7 +97,7 @@ def test_graceful_preemption_saves_requeues_and_resumes_exactly(cluster, single_
     run = tmp_path / "run"
     job = _submit(cluster, tmp_path, shakespeare_dataset, 2, run)
     cluster.wait(job, states=("RUNNING",))
-    _wait_steps(run, 7)
+    wait_steps(run, 7)
     cluster.run(["scancel", "--signal=TERM", str(job)])
     # Slurm holds a requeued job until its old credential expires (AuthInfo cred_expire, 10 s
     # on this cluster), then starts it by itself.
@@ -137,7 +118,7 @@ def test_graceful_preemption_saves_requeues_and_resumes_exactly(cluster, single_
     assert f"requeueing job {job}" in out and f"job {job} (restart 1)" in out
     assert f"starting at step {step}" in out
     assert (run / f"iter_{step:07d}" / "run.json").is_file()  # the stop's own checkpoint
-    _assert_same_losses(train_losses(run), train_losses(single_node[3]))
+    assert_same_losses(train_losses(run), train_losses(single_node[3]))
 
 
 def test_a_killed_node_fails_the_job_by_name_and_a_resubmission_resumes(
@@ -145,8 +126,8 @@ def test_a_killed_node_fails_the_job_by_name_and_a_resubmission_resumes(
     run = tmp_path / "run"
     job = _submit(cluster, tmp_path, shakespeare_dataset, 2, run)
     cluster.wait(job, states=("RUNNING",))
-    _wait_steps(run, 12)
-    saved = _latest(run)
+    wait_steps(run, 12)
+    saved = latest_step(run)
     assert saved >= 10
     victims = cluster.node_pids("node2")
     assert victims, "no job process on node2"
@@ -161,7 +142,7 @@ def test_a_killed_node_fails_the_job_by_name_and_a_resubmission_resumes(
     assert "node2" in "\n".join(line for line in out.splitlines() if "error" in line.lower()), \
         out[-3000:]
     assert "stopped gracefully" not in out and info["Restarts"] == "0"
-    latest = _latest(run)
+    latest = latest_step(run)
     assert latest >= saved and (run / f"iter_{latest:07d}" / "run.json").is_file()
 
     again = _submit(cluster, tmp_path, shakespeare_dataset, 2, run)
@@ -169,4 +150,4 @@ def test_a_killed_node_fails_the_job_by_name_and_a_resubmission_resumes(
     out = _output(tmp_path, again)
     assert info["JobState"] == "COMPLETED", out[-3000:]
     assert f"starting at step {latest}" in out
-    _assert_same_losses(train_losses(run), train_losses(single_node[3]))
+    assert_same_losses(train_losses(run), train_losses(single_node[3]))
