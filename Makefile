@@ -74,7 +74,7 @@ demo-shakespeare: $(DEMO_DATA).bin
 		--max-new-tokens 60
 
 test: $(VENV)/.installed
-	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m "not slow and not gpu and not slurm"
+	SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q --durations=15 -m "not slow and not gpu and not slurm"
 
 # The cluster tests (marker slurm): the sbatch scripts on a local two-node Slurm cluster, Ray on
 # two nodes, NeMo-Run against that Slurm (root; installs slurm-wlm and munge with

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "examples" / "slurm" / "pretrain.sbatch"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(slurm_cluster) -> LocalSlurm:
     return slurm_cluster
 

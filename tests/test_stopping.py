@@ -88,3 +88,32 @@ def test_the_stop_marker_is_written_only_when_asked_for(tmp_path, monkeypatch):
     assert record_stop("SIGUSR1", 7, "/run/iter_0000007") == marker
     assert json.loads(marker.read_text()) == {"reason": "SIGUSR1", "iteration": 7,
                                               "checkpoint": "/run/iter_0000007"}
+
+
+def _rank_stop_reason(rank: int, init_file: str, signals: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    watch = StopWatch(["SIGTERM", "SIGUSR1"], None)
+    try:
+        if rank in signals:
+            os.kill(os.getpid(), getattr(signal, signals[rank]))
+        reason = watch.should_stop(1e9)
+    finally:
+        watch.restore()
+        dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(str(reason))
+
+
+@pytest.mark.parametrize("signals, expected", [({1: "SIGUSR1"}, "SIGUSR1"),
+                                               ({0: "SIGUSR1", 1: "SIGTERM"}, "SIGTERM")])
+def test_every_rank_names_the_same_signal(tmp_path, signals, expected):
+    """A cluster signals the nodes one after another: at a step boundary one rank may have
+    the signal and another not yet, or each a different one. Two real gloo ranks: both name
+    the same signal, the one a rank received (the higher number when they differ)."""
+    import torch.multiprocessing as tmp
+
+    out = str(tmp_path / "reason")
+    tmp.spawn(_rank_stop_reason, args=(str(tmp_path / "init"), signals, out), nprocs=2)
+    assert [open(f"{out}.{r}").read() for r in (0, 1)] == [expected, expected]

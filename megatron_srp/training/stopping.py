@@ -83,10 +83,12 @@ class StopWatch:
 
     def should_stop(self, seconds_to_next_save: float) -> Optional[str]:
         """On every rank, the same answer: why to stop now (a signal's name, or
-        ``exit_duration``), or None. Called at a step boundary."""
+        ``exit_duration``), or None. Called at a step boundary. The signal travels as its
+        number, so every rank names the same one, also a rank it has not reached yet (a
+        cluster signals the nodes one after another)."""
         local = 0
         if self.received is not None:
-            local = 2
+            local = 2 + signal.Signals[self.received].value
         elif self.budget_s is not None and (time.monotonic() - self.started
                                             + seconds_to_next_save > self.budget_s):
             local = 1
@@ -94,8 +96,8 @@ class StopWatch:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         code = int(flag.item())
-        if code == 2:
-            return self.received or "signal"
+        if code >= 2:
+            return signal.Signals(code - 2).name
         return "exit_duration" if code == 1 else None
 
 
