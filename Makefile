@@ -78,7 +78,7 @@ test: $(VENV)/.installed
 
 # The cluster tests (marker slurm): the sbatch scripts on a local two-node Slurm cluster, Ray on
 # two nodes, NeMo-Run against that Slurm (root; installs slurm-wlm and munge with
-# apt-get where missing; skips and says why where that is impossible). About 4 minutes.
+# apt-get where missing; skips and says why where that is impossible). About 8 minutes.
 test-slurm: $(VENV)/.installed
 	SRP_INSTALL_SLURM=1 SRP_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m slurm tests
 
