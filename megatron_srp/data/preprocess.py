@@ -201,9 +201,7 @@ def run_preprocess(config: PreprocessConfig, tokenizer: SRPTokenizer,
     metas = _merge_and_publish(layout, specs, variants, labeler, dtype, tokenizer, describe,
                                totals, time.perf_counter() - started, config, resumed)
     summary = _summary(config, describe, totals, metas, time.perf_counter() - started, resumed,
-                       len(specs))
-    summary["shard_nodes"] = [results[s.index].get("node") for s in specs]  # who ran each
-    summary["shard_gpus"] = [results[s.index].get("gpus", []) for s in specs]  # Ray's GPU ids
+                       [results[s.index] for s in specs])
     write_atomic(layout.summary_md, markdown_summary(summary))
     write_atomic(layout.summary, json.dumps(summary, indent=2) + "\n")
     if not config.keep_work:
@@ -425,9 +423,10 @@ def _variant_meta(variant: Variant, describe: dict[str, Any], tokenizer: SRPToke
 
 
 def _summary(config: PreprocessConfig, describe: dict[str, Any], totals: dict[str, Any],
-             metas: dict[str, dict[str, Any]], seconds: float, resumed: int, shards: int
-             ) -> dict[str, Any]:
-    """summary.json: the run's counts and, per variant, what it wrote."""
+             metas: dict[str, dict[str, Any]], seconds: float, resumed: int,
+             shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json: the run's counts, per variant what it wrote, and per shard (in shard
+    order) the node that ran it and the GPU ids Ray gave its actor."""
     source_tokens = totals.get("source_tokens", 0)
     variants = {}
     for name, meta in metas.items():
@@ -443,7 +442,7 @@ def _summary(config: PreprocessConfig, describe: dict[str, Any], totals: dict[st
     return {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3), "workers": config.workers, "backend": config.backend,
-        "shards": shards, "shards_resumed": resumed,
+        "shards": len(shards), "shards_resumed": resumed,
         "inputs": [i["path"] for i in describe["inputs"]],
         "documents_read": totals.get("documents_read", 0),
         "rejected": totals.get("rejected", 0), "reject_reasons": totals["reject_reasons"],
@@ -453,6 +452,8 @@ def _summary(config: PreprocessConfig, describe: dict[str, Any], totals: dict[st
         "unparsed_labels": totals.get("unparsed_labels", 0),
         "source_tokens": source_tokens, "categories": totals["categories"],
         "variants": variants,
+        "shard_nodes": [r.get("node") for r in shards],
+        "shard_gpus": [r.get("gpus", []) for r in shards],
     }
 
 

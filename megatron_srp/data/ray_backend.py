@@ -27,15 +27,15 @@ class _ShardActor:
     """One Ray Data actor: processes the shards whose numbers it receives."""
 
     def __init__(self, processor: bytes, specs: bytes) -> None:
+        import ray
+
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.processor: ShardProcessor = pickle.loads(processor)
         self.specs = {s.index: s for s in pickle.loads(specs)}
+        self.gpus = [str(g) for g in ray.get_gpu_ids()]  # the GPU Ray gave this actor, if any
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
-
-        gpus = [str(g) for g in ray.get_gpu_ids()]  # the GPU Ray gave this actor, if any
-        results = [json.dumps({**self.processor(self.specs[int(i)]), "gpus": gpus})
+        results = [json.dumps({**self.processor(self.specs[int(i)]), "gpus": self.gpus})
                    for i in batch["index"]]
         return {"index": batch["index"], "result": np.array(results, dtype=object)}
 
